@@ -1,0 +1,201 @@
+"""The search's command-line flags and the frozen configuration built from them.
+
+Shared by the worker (`single_gpu_hyperparameter_search.py`) and the launcher
+(`parallel_search.py`); imports neither torch nor optuna, so the launcher stays light.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+MODEL_CHOICES = ("small", "convnext", "vit")
+STUDY_DB_NAME = "optuna_study.db"
+DEFAULT_STUDY_NAME = "writer_id_search"
+
+
+class UsageError(ValueError):
+    """A bad command-line value: printed as one line, exit code 2, nothing changed."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search run needs, resolved once from the command line."""
+
+    data_root: str | None
+    checkpoint_dir: str
+    n_trials: int
+    use_all_writers: bool = False
+    num_writers_subset: int | None = None
+    epochs: int = 70
+    patience: int = 15
+    batch_size: int = 16
+    img_height: int = 160
+    img_width: int = 1760
+    models: tuple[str, ...] = ("convnext", "vit")
+    seed: int = 42
+    no_pretrained: bool = False
+    num_workers: int = 4
+    max_val_pages_per_writer: int = 20
+    lines_per_writer: int = 300
+    storage: str | None = None
+    study_name: str = DEFAULT_STUDY_NAME
+    objective: str | None = None
+    direction: str = "maximize"
+    cache_dir: str | None = None
+
+    @property
+    def storage_url(self) -> str:
+        """The study's storage URL: `--storage`, else SQLite inside the checkpoint folder."""
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{Path(self.checkpoint_dir).resolve() / STUDY_DB_NAME}"
+
+    @property
+    def image_cache_dir(self) -> Path:
+        """Where preprocessed pixels are cached (keyed by data and image size inside)."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.checkpoint_dir) / "cache"
+
+    @property
+    def builtin_objective(self) -> bool:
+        """True when trials train the writer-identification models of this project."""
+        return self.objective is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def add_search_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags shared by the worker and the launcher; every help states its default."""
+    d = SearchConfig(data_root=None, checkpoint_dir="", n_trials=0)
+    a = parser.add_argument
+    a("--data_root", help="data set root holding train/ val/ [test/] writer folders, or writer "
+      "folders directly (then split deterministically by page). Required unless --objective "
+      "(default: none)")
+    a("--checkpoint_dir", required=True, help="folder for the study, logs, trial folders and summary "
+      "(required)")
+    a("--n_trials", type=int, required=True, help="total finished (complete + pruned) trials the "
+      "study should hold; rerunning with a larger number runs the difference (required)")
+    a("--use_all_writers", action="store_true", help="use every writer (this is the default; the "
+      "flag is accepted for old scripts and conflicts with --num_writers_subset)")
+    a("--num_writers_subset", type=int, default=None, help="use only the first K writers in sorted "
+      "order (default: all writers)")
+    a("--epochs", type=int, default=d.epochs, help=f"maximum epochs per trial (default: {d.epochs})")
+    a("--patience", type=int, default=d.patience, help="early-stopping patience in epochs without a "
+      f"better validation page top-1 (default: {d.patience})")
+    a("--batch_size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    a("--img_height", type=int, default=d.img_height, help="line image height after resizing "
+      f"(default: {d.img_height})")
+    a("--img_width", type=int, default=d.img_width, help="line image width after padding/cropping "
+      f"(default: {d.img_width})")
+    a("--models", default=",".join(d.models), help="comma list of model types to search over, from "
+      f"{','.join(MODEL_CHOICES)} (default: {','.join(d.models)})")
+    a("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    a("--no_pretrained", action="store_true", help="start ConvNeXt/ViT from random weights instead "
+      "of ImageNet weights (default: pretrained)")
+    a("--num_workers", type=int, default=d.num_workers, help="data-loader processes per worker "
+      f"(default: {d.num_workers}; the launcher caps it to the cores each worker gets)")
+    a("--max_val_pages_per_writer", type=int, default=d.max_val_pages_per_writer, help="validation "
+      f"pages per writer, a fixed deterministic subset (default: {d.max_val_pages_per_writer})")
+    a("--lines_per_writer", type=int, default=d.lines_per_writer, help="training lines drawn per "
+      f"writer each epoch (default: {d.lines_per_writer})")
+    a("--storage", default=None, help="Optuna storage URL (default: sqlite:///CHECKPOINT_DIR/"
+      f"{STUDY_DB_NAME})")
+    a("--study_name", default=d.study_name, help=f"study name (default: {d.study_name})")
+    a("--objective", default=None, help="custom objective path/to/file.py:NAME or package.module:NAME,"
+      " called as NAME(trial, trial_dir) -> float (default: the built-in writer-identification "
+      "objective)")
+    a("--direction", default=d.direction, choices=("maximize", "minimize"),
+      help=f"optimisation direction (default: {d.direction})")
+    a("--cache_dir", default=None, help="folder for the preprocessed-image cache (default: "
+      "CHECKPOINT_DIR/cache)")
+
+
+_OBJECTIVE_RE = re.compile(r"^(?:.+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*$")
+
+
+def config_from_args(ns: argparse.Namespace) -> SearchConfig:
+    """Validate parsed flags and build the frozen config; raise UsageError naming the bad value."""
+    models = tuple(m.strip() for m in str(ns.models).split(",") if m.strip())
+    _check(bool(models), f"--models {ns.models!r} names no model; use a comma list of "
+           f"{','.join(MODEL_CHOICES)}")
+    for m in models:
+        _check(m in MODEL_CHOICES, f"--models: unknown model {m!r}; choose from "
+               f"{','.join(MODEL_CHOICES)}")
+    _check(ns.n_trials >= 1, f"--n_trials must be at least 1, got {ns.n_trials}")
+    for flag in ("epochs", "batch_size", "img_height", "img_width", "max_val_pages_per_writer",
+                 "lines_per_writer"):
+        value = getattr(ns, flag)
+        _check(value >= 1, f"--{flag} must be at least 1, got {value}")
+    _check(ns.patience >= 1, f"--patience must be at least 1, got {ns.patience}")
+    _check(ns.num_workers >= 0, f"--num_workers must be 0 or more, got {ns.num_workers}")
+    _check(ns.img_height >= 16 and ns.img_width >= 16,
+           f"--img_height/--img_width must be at least 16 pixels, got {ns.img_height}x{ns.img_width}")
+    if ns.num_writers_subset is not None:
+        _check(not ns.use_all_writers, "--use_all_writers conflicts with --num_writers_subset "
+               f"{ns.num_writers_subset}; pass one of them")
+        _check(ns.num_writers_subset >= 2, "--num_writers_subset must be at least 2 (writer "
+               f"identification needs two writers), got {ns.num_writers_subset}")
+    if ns.objective is not None:
+        _check(bool(_OBJECTIVE_RE.match(ns.objective)), f"--objective {ns.objective!r} is not of "
+               "the form path/to/file.py:NAME or package.module:NAME")
+        if ns.objective.split(":")[0].endswith(".py"):
+            path = ns.objective.rsplit(":", 1)[0]
+            _check(os.path.isfile(path), f"--objective: file {path!r} does not exist")
+    else:
+        _check(ns.data_root is not None, "--data_root is required with the built-in objective "
+               "(or pass --objective FILE.py:NAME)")
+    if ns.data_root is not None and ns.objective is None:
+        _check(os.path.isdir(ns.data_root), f"--data_root {ns.data_root!r} is not a folder")
+    _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
+    return SearchConfig(
+        data_root=str(Path(ns.data_root).resolve()) if ns.data_root else None,
+        checkpoint_dir=str(Path(ns.checkpoint_dir).resolve()),
+        n_trials=ns.n_trials, use_all_writers=bool(ns.use_all_writers),
+        num_writers_subset=ns.num_writers_subset, epochs=ns.epochs, patience=ns.patience,
+        batch_size=ns.batch_size, img_height=ns.img_height, img_width=ns.img_width, models=models,
+        seed=ns.seed, no_pretrained=bool(ns.no_pretrained), num_workers=ns.num_workers,
+        max_val_pages_per_writer=ns.max_val_pages_per_writer,
+        lines_per_writer=ns.lines_per_writer, storage=ns.storage, study_name=ns.study_name,
+        objective=ns.objective, direction=ns.direction,
+        cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None)
+
+
+def config_to_argv(cfg: SearchConfig) -> list[str]:
+    """The flags that rebuild `cfg` in a worker process (inverse of config_from_args)."""
+    argv = ["--checkpoint_dir", cfg.checkpoint_dir, "--n_trials", str(cfg.n_trials)]
+    if cfg.data_root is not None:
+        argv += ["--data_root", cfg.data_root]
+    if cfg.use_all_writers:
+        argv.append("--use_all_writers")
+    if cfg.num_writers_subset is not None:
+        argv += ["--num_writers_subset", str(cfg.num_writers_subset)]
+    for flag in ("epochs", "patience", "batch_size", "img_height", "img_width", "seed",
+                 "num_workers", "max_val_pages_per_writer", "lines_per_writer", "study_name",
+                 "direction"):
+        argv += [f"--{flag}", str(getattr(cfg, flag))]
+    argv += ["--models", ",".join(cfg.models)]
+    if cfg.no_pretrained:
+        argv.append("--no_pretrained")
+    for flag in ("storage", "objective", "cache_dir"):
+        if getattr(cfg, flag) is not None:
+            argv += [f"--{flag}", str(getattr(cfg, flag))]
+    return argv
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[
+        SearchConfig, argparse.Namespace]:
+    """Parse argv with `parser` and build the config; UsageError on a bad value."""
+    ns = parser.parse_args(argv)
+    return config_from_args(ns), ns
