@@ -1,0 +1,118 @@
+"""The sequential search as a real process on a real SQLite study, with custom objectives."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from single_gpu_hyperparameter_search import WorkerIdentity
+
+ROOT = Path(__file__).resolve().parent.parent
+OBJ = ROOT / "tests" / "objectives" / "worker_objectives.py"
+
+
+def run(ckpt, n, objective="quadratic", *extra, env=None):
+    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
+           str(ckpt), "--n_trials", str(n), "--objective", f"{OBJ}:{objective}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def trials(ckpt):
+    return optuna.load_study(study_name="writer_id_search",
+                             storage=f"sqlite:///{ckpt}/optuna_study.db").get_trials()
+
+
+def states(ckpt):
+    return [t.state for t in trials(ckpt)]
+
+
+def test_n_trials_is_the_study_total_and_resume_adds_the_difference(tmp_path):
+    ckpt = tmp_path / "run dir 'quoted'"
+    assert run(ckpt, 2).returncode == 0
+    assert states(ckpt) == [TrialState.COMPLETE] * 2
+    assert (ckpt / "trial_000" / "seen.json").exists() and (ckpt / "trial_001").is_dir()
+    assert run(ckpt, 2).returncode == 0
+    assert len(trials(ckpt)) == 2                      # finished: runs nothing
+    assert run(ckpt, 3).returncode == 0
+    assert states(ckpt) == [TrialState.COMPLETE] * 3   # exactly one more
+    assert list((ckpt / "logs").glob("single_gpu_*.log"))
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    r = run(tmp_path, 2, "fails_first")
+    assert r.returncode == 0, r.stderr
+    ts = trials(tmp_path)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert ts[0].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert "Traceback" in (tmp_path / "trial_000" / "error.log").read_text()
+
+
+def test_nan_value_fails_and_repeated_failures_stop_the_worker(tmp_path):
+    r = run(tmp_path, 3, "returns_nan")
+    assert r.returncode == 3
+    ts = trials(tmp_path)
+    assert len(ts) == 5 and all(t.state == TrialState.FAIL for t in ts)
+    assert "not a finite number" in ts[0].user_attrs["fail_reason"]
+    assert "5 trials in a row failed" in r.stderr
+
+
+def test_changed_setting_is_refused_and_changes_nothing(tmp_path):
+    assert run(tmp_path, 1).returncode == 0
+    before = (tmp_path / "optuna_study.db").read_bytes()
+    r = run(tmp_path, 2, "always_fails")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the study in sqlite:///")
+    assert "objective: stored" in r.stderr
+    assert (tmp_path / "optuna_study.db").read_bytes() == before
+
+
+def test_sigint_marks_the_trial_interrupted_and_rerun_resumes_it(tmp_path):
+    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
+           str(tmp_path), "--n_trials", "2", "--objective", f"{OBJ}:quadratic"]
+    # started with SIGINT ignored, as a background job inherits it: the worker must still stop
+    proc = subprocess.Popen(cmd, env={**os.environ, "TEST_SLEEP": "30"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "trial_000").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    first = trials(tmp_path)
+    assert [t.state for t in first] == [TrialState.FAIL]
+    assert first[0].user_attrs["fail_reason"] == "interrupted"
+    assert run(tmp_path, 2).returncode == 0
+    ts = trials(tmp_path)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert ts[1].user_attrs["resumed_from"] == 0
+    assert ts[1].params == first[0].params
+
+
+def test_trials_left_running_by_a_crash_are_recovered(tmp_path):
+    assert run(tmp_path, 1).returncode == 0
+    study = optuna.load_study(study_name="writer_id_search",
+                              storage=f"sqlite:///{tmp_path}/optuna_study.db")
+    orphan = study.ask()
+    orphan.suggest_float("x", -5, 5)            # a trial whose process was kill -9'd
+    assert run(tmp_path, 2).returncode == 0
+    ts = trials(tmp_path)
+    assert ts[orphan.number].state == TrialState.FAIL
+    assert ts[orphan.number].user_attrs["fail_reason"] == "crashed"
+    assert [t.state for t in ts].count(TrialState.COMPLETE) == 2
+    assert any(t.user_attrs.get("resumed_from") == orphan.number for t in ts)
+
+
+def test_worker_identity_from_environment():
+    who = WorkerIdentity.from_environ({"PARALLEL_SEARCH_WORKER": "gpu3", "PARALLEL_SEARCH_RANK":
+                                       "2", "PARALLEL_SEARCH_N_WORKERS": "4",
+                                       "PARALLEL_SEARCH_MANAGED": "1",
+                                       "PARALLEL_SEARCH_PARENT_PID": "77"})
+    assert (who.label, who.rank, who.n_workers, who.managed, who.parent_pid) == \
+        ("gpu3", 2, 4, True, 77)
+    assert WorkerIdentity.from_environ({}) == WorkerIdentity()

@@ -1,0 +1,334 @@
+"""One trial's training and validation. Knows nothing about Optuna: the caller gets each epoch's
+metrics through `on_epoch` (where it may report, prune or stop by raising).
+
+AdamW with linear warm-up then cosine decay per step, mixed precision on GPU (bf16 where
+supported, else fp16 with a gradient scaler), gradient clipping, early stopping on validation page
+top-1, and per-epoch checkpoints: `best_model.pth` (the best epoch's weights) and `last.pth` (the
+full state to resume: model, optimiser, scheduler, scaler, epoch, RNG).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import atomic
+import losses
+import metrics
+from dataset import WriterBalancedSampler
+from model import WriterNet, checkpoint_payload
+
+logger = logging.getLogger(__name__)
+METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
+               "val_page_cls_acc")
+MIXUP_MIN_ALPHA = 0.05      # below this Beta(a, a) is almost always 0 or 1: treat as no mixup
+PROGRESS_EVERY_S = 60.0     # log within an epoch at most this often
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The knobs of one trial's training (hyperparameters and fixed settings)."""
+
+    epochs: int
+    patience: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    mixup_alpha: float = 0.0
+    triplet_weight: float = 0.0
+    triplet_margin: float = 0.2
+    warmup_epochs: int = 0
+    grad_clip: float = 1.0
+    num_workers: int = 0
+    seed: int = 42
+    lines_per_writer: int = 300
+
+
+def amp_settings(device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
+    """(autocast on, its dtype, needs a gradient scaler): bf16 where supported, else fp16."""
+    if device.type != "cuda":
+        return False, None, False
+    if torch.cuda.is_bf16_supported():
+        return True, torch.bfloat16, False
+    return True, torch.float16, True
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total_steps` (pure)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters, with no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device,
+                sampler=None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader; workers are not persistent so each epoch's `set_epoch` reaches them."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      drop_last=drop_last)
+
+
+@torch.no_grad()
+def embed(model: WriterNet, loader: DataLoader, device: torch.device
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings, logits, labels and dataset indices of every item of `loader` (eval mode)."""
+    model.eval()
+    amp_on, amp_dtype, _ = amp_settings(device)
+    out: list[list[np.ndarray]] = [[], [], [], []]
+    for x, y, idx in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
+            emb, logits = model(x.to(device, non_blocking=True))
+        for acc, t in zip(out, (emb.float(), logits.float(), y, idx)):
+            acc.append(t.cpu().numpy())
+    return tuple(np.concatenate(a) for a in out)  # type: ignore[return-value]
+
+
+def evaluate(model: WriterNet, loader: DataLoader, page_ids: np.ndarray,
+             device: torch.device, prefix: str = "val_") -> dict[str, float]:
+    """Page-level retrieval and classification metrics over one split."""
+    emb, logits, labels, idx = embed(model, loader, device)
+    found = metrics.evaluate_embeddings(emb, logits, labels, np.asarray(page_ids)[idx])
+    return {f"{prefix}{k}": float(v) for k, v in found.items()}
+
+
+def is_better(new: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Page top-1 decides; page mAP breaks ties (pure). NaN is never better."""
+    if best is None:
+        return not math.isnan(new["val_page_top1"])
+    key_new = (new["val_page_top1"], new["val_page_map"])
+    key_best = (best["val_page_top1"], best["val_page_map"])
+    return not math.isnan(key_new[0]) and key_new > key_best
+
+
+@dataclasses.dataclass
+class FitState:
+    """What changes from epoch to epoch; all of it goes into last.pth."""
+
+    epoch: int = 0                       # epochs completed
+    best: dict[str, float] | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+class Trainer:
+    """Trains one model on one data bundle, writing its checkpoints, history and plot."""
+
+    def __init__(self, model: WriterNet, data, tc: TrainConfig, device: torch.device,
+                 out_dir: Path, checkpoint_meta: dict[str, Any],
+                 stop_check: Callable[[], None] = lambda: None):
+        self.model, self.data, self.tc, self.device = model.to(device), data, tc, device
+        self.out_dir, self.meta, self.stop_check = Path(out_dir), checkpoint_meta, stop_check
+        self.amp_on, self.amp_dtype, use_scaler = amp_settings(device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.sampler = WriterBalancedSampler(data.train_labels, tc.lines_per_writer, tc.seed)
+        self.train_loader = make_loader(data.train, tc.batch_size, tc.num_workers, device,
+                                        sampler=self.sampler, drop_last=len(self.sampler) >
+                                        tc.batch_size)
+        self.val_loader = make_loader(data.val, tc.batch_size * 2, tc.num_workers, device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr)
+        steps = max(1, len(self.train_loader))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, tc.warmup_epochs * steps, tc.epochs * steps))
+        self.rng = np.random.default_rng(tc.seed)
+        self.state = FitState()
+
+    # -------------------------------------------------------------- checkpoints
+    def save_last(self) -> None:
+        """Everything needed to continue this trial after an interruption."""
+        atomic.save_torch({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "fit_state": dataclasses.asdict(self.state),
+            "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "meta": self.meta}, self.out_dir / "last.pth")
+
+    def load_last(self, path: Path) -> None:
+        """Continue from a last.pth written by `save_last` (possibly another trial's folder)."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = FitState(**ckpt["fit_state"])
+        self.rng.bit_generator.state = ckpt["rng"]["numpy"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        logger.info("Resumed from %s after epoch %d (best page top-1 so far %s)", path,
+                    self.state.epoch, None if self.state.best is None
+                    else f"{self.state.best['val_page_top1']:.4f}")
+
+    def _save_best(self, row: dict[str, float]) -> None:
+        payload = checkpoint_payload(self.model, self.data.writers,
+                                     {**self.meta, "epoch": row["epoch"], "metrics": row})
+        atomic.save_torch(payload, self.out_dir / "best_model.pth")
+
+    # -------------------------------------------------------------- training
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One optimisation step; returns (total loss, class loss, triplet loss, correct)."""
+        tc = self.tc
+        y_a, y_b, lam = y, y, 1.0
+        if tc.loss == "ce" and tc.mixup_alpha >= MIXUP_MIN_ALPHA:
+            x, y_a, y_b, lam = losses.mixup(x, y, tc.mixup_alpha, self.rng)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
+            emb, logits = self.model(x)
+        cls = lam * losses.classification_loss(logits, y_a, tc.loss, tc.label_smoothing,
+                                               tc.focal_gamma)
+        if lam < 1.0:
+            cls = cls + (1 - lam) * losses.classification_loss(logits, y_b, tc.loss,
+                                                               tc.label_smoothing)
+        dominant = y_a if lam >= 0.5 else y_b
+        trip = (losses.batch_hard_triplet_loss(emb, dominant, tc.triplet_margin)
+                if tc.triplet_weight > 0 else cls.new_zeros(()))
+        loss = cls + tc.triplet_weight * trip
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        correct = (logits.argmax(1) == dominant).sum()
+        return loss.detach(), cls.detach(), trip.detach(), correct
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the writer-balanced sample; sums stay on the device (one sync/epoch)."""
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        self.data.train.set_epoch(epoch)
+        sums = torch.zeros(4, device=self.device)
+        seen, last_log, n_batches = 0, time.time(), len(self.train_loader)
+        for b, (x, y, _) in enumerate(self.train_loader):
+            self.stop_check()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss, cls, trip, correct = self._step(x, y)
+            sums += torch.stack([loss * len(y), cls * len(y), trip * len(y), correct.float()])
+            seen += len(y)
+            if time.time() - last_log > PROGRESS_EVERY_S:  # the .item() here is a sync point
+                last_log = time.time()
+                logger.info("  epoch %d: batch %d/%d, loss %.4f", epoch, b + 1, n_batches,
+                            sums[0].item() / seen)
+        loss_sum, cls_sum, trip_sum, correct_sum = sums.tolist()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch} "
+                                     f"(lr {self.tc.lr:.2e}); this trial cannot continue")
+        n = max(1, seen)
+        return {"train_loss": loss_sum / n, "train_cls_loss": cls_sum / n,
+                "train_triplet_loss": trip_sum / n, "train_acc": correct_sum / n}
+
+    # -------------------------------------------------------------- the epoch loop
+    def fit(self, on_epoch: Callable[[int, dict[str, float]], None],
+            resume_from: Path | None = None) -> dict[str, Any]:
+        """Train until `epochs`, early stopping or an exception from `on_epoch`/`stop_check`."""
+        if resume_from is not None:
+            self.load_last(resume_from)
+        status = "complete"
+        while self.state.epoch < self.tc.epochs:
+            epoch = self.state.epoch + 1
+            started = time.time()
+            row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                                   **self.train_epoch(epoch)}
+            self.stop_check()
+            row.update(evaluate(self.model, self.val_loader, self.data.val_page_ids, self.device))
+            row["epoch_time_s"] = time.time() - started
+            self._record_epoch(row)
+            on_epoch(epoch, row)
+            if self.state.bad_epochs >= self.tc.patience:
+                logger.info("Early stopping: no better validation page top-1 for %d epochs",
+                            self.state.bad_epochs)
+                status = "early_stopped"
+                break
+        return self.result(status)
+
+    def _record_epoch(self, row: dict[str, Any]) -> None:
+        """Update the best epoch, write best_model.pth / last.pth / history.csv, log a line."""
+        st = self.state
+        row["is_best"] = is_better(row, st.best)
+        if row["is_best"]:
+            st.best, st.best_epoch, st.bad_epochs = {k: row[k] for k in METRIC_KEYS}, row["epoch"], 0
+            self._save_best(row)
+        else:
+            st.bad_epochs += 1
+        st.epoch = row["epoch"]
+        st.history.append(row)
+        self.save_last()
+        self.write_history()
+        logger.info("Epoch %d/%d  loss %.4f (cls %.4f, triplet %.4f)  train acc %.3f  |  val page "
+                    "top-1 %.4f top-5 %.4f mAP %.4f  line acc %.3f  page acc %.3f  |  %.1f s%s",
+                    row["epoch"], self.tc.epochs, row["train_loss"], row["train_cls_loss"],
+                    row["train_triplet_loss"], row["train_acc"], row["val_page_top1"],
+                    row["val_page_top5"], row["val_page_map"], row["val_line_acc"],
+                    row["val_page_cls_acc"], row["epoch_time_s"], "  *best*" if row["is_best"] else "")
+
+    def result(self, status: str) -> dict[str, Any]:
+        """The trial's metrics: those of its best epoch (NaN before any epoch finished)."""
+        best = self.state.best or {k: float("nan") for k in METRIC_KEYS}
+        return {**best, "best_epoch": self.state.best_epoch, "epochs_run": self.state.epoch,
+                "status": status}
+
+    def write_history(self) -> None:
+        """history.csv: one row per epoch."""
+        import pandas as pd
+
+        with atomic.atomic_path(self.out_dir / "history.csv") as tmp:
+            pd.DataFrame(self.state.history).to_csv(tmp, index=False)
+
+    def write_plot(self) -> None:
+        """plots/training_curves.png: losses, accuracies and retrieval, learning rate."""
+        if self.state.history:
+            plot_history(self.state.history, self.out_dir / "plots" / "training_curves.png",
+                         title=self.meta.get("title", "Training curves"))
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Three panels over epochs: losses; accuracy and retrieval; learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for key, label in (("train_loss", "total"), ("train_cls_loss", "classification"),
+                       ("train_triplet_loss", "triplet")):
+        axes[0].plot(ep, [r[key] for r in history], marker=".", label=label)
+    axes[0].set(title="Training loss", xlabel="epoch", ylabel="loss")
+    for key in ("train_acc", "val_line_acc", "val_page_cls_acc", "val_page_top1", "val_page_map"):
+        axes[1].plot(ep, [r[key] for r in history], marker=".", label=key)
+    best = max(history, key=lambda r: (r["val_page_top1"], r["val_page_map"]))
+    axes[1].axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best epoch {best['epoch']}")
+    axes[1].set(title="Accuracy and page retrieval", xlabel="epoch", ylabel="value", ylim=(0, 1.02))
+    axes[2].plot(ep, [r["lr"] for r in history], marker=".")
+    axes[2].set(title="Learning rate (at epoch start)", xlabel="epoch", ylabel="lr")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic.save_figure(fig, path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+"""The built-in objective: one Optuna trial trains one writer-identification model.
+
+The trial suggests hyperparameters (search_space.py), builds the model (model.py), trains it
+(train.py) on the shared, preprocessed data (dataset.py), reports validation page top-1 each epoch
+for pruning, and returns the best epoch's page top-1. Everything the trial makes goes to its folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+import atomic
+import data_index
+import dataset
+import image_cache
+import model as model_lib
+from config import SearchConfig, UsageError
+from search_space import suggest_hparams
+from stopping import StopFlag, StopRequested
+from train import METRIC_KEYS, Trainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """Cores this process may use (honours taskset/SLURM cpusets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_index(cfg: SearchConfig) -> tuple[data_index.DataIndex, tuple[str, ...]]:
+    """Index the data and keep the selected writers; log what the index noticed."""
+    index = data_index.index_dataset(cfg.data_root)
+    writers = data_index.select_writers(index.writers, cfg.num_writers_subset)
+    return data_index.restrict_to_writers(index, writers), writers
+
+
+def prepare_data(cfg: SearchConfig) -> tuple[str, ...]:
+    """Validate data and models, then decode every image once into the shared cache.
+
+    Run once before any trial (by the launcher, or the stand-alone search), so that a bad data
+    set, a bad image size or missing pretrained weights stop the run before any training.
+    """
+    index, writers = load_index(cfg)
+    for note in index.notes:
+        logger.warning("%s", note)
+    val = data_index.validation_subset(index.splits["val"], cfg.max_val_pages_per_writer)
+    few = data_index.writers_with_few_pages(val, 2)
+    if few:
+        logger.warning("%d writer(s) have fewer than 2 validation pages, so their pages cannot be "
+                       "retrieval queries (they stay as distractors): %s", len(few),
+                       ", ".join(few[:10]) + (" …" if len(few) > 10 else ""))
+    if len(few) == len(writers):
+        raise UsageError(f"no writer in {cfg.data_root} has 2 validation pages: page retrieval "
+                         "cannot be measured; add validation pages (val/<writer>/<page>/)")
+    for model_type in cfg.models:
+        model_lib.check_input_size(model_type, cfg.img_height, cfg.img_width)
+        if not cfg.no_pretrained and model_type != "small":
+            model_lib.ensure_pretrained_available(model_type)
+    paths = [r.path for records in index.splits.values() for r in records]
+    logger.info("Data: %d writers, %s", len(writers),
+                ", ".join(f"{len(r)} {s} lines" for s, r in index.splits.items()))
+    image_cache.build_or_load_cache(paths, cfg.img_height, cfg.img_width, cfg.image_cache_dir,
+                                    processes=available_cores())
+    return writers
+
+
+def pick_device() -> torch.device:
+    """cuda:0 (the launcher pins a GPU through CUDA_VISIBLE_DEVICES) or, with a warning, the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda:0")
+    logger.warning("CUDA is not available: training on the CPU (slow)")
+    return torch.device("cpu")
+
+
+def model_spec(hp: dict[str, Any], num_classes: int, cfg: SearchConfig) -> model_lib.ModelSpec:
+    """The model a trial's hyperparameters describe."""
+    return model_lib.ModelSpec(
+        model_type=hp["model_type"], num_classes=num_classes, embedding_dim=hp["embedding_dim"],
+        img_height=cfg.img_height, img_width=cfg.img_width, pretrained=not cfg.no_pretrained,
+        dropout=hp["dropout"], drop_path=hp["drop_path"], freeze=hp["freeze"])
+
+
+def train_config(hp: dict[str, Any], cfg: SearchConfig, num_workers: int) -> TrainConfig:
+    """Training knobs from a trial's hyperparameters and the run's fixed settings."""
+    return TrainConfig(
+        epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=hp["lr"],
+        weight_decay=hp["weight_decay"], loss=hp["loss"], label_smoothing=hp["label_smoothing"],
+        focal_gamma=hp["focal_gamma"], mixup_alpha=hp["mixup_alpha"],
+        triplet_weight=hp["triplet_weight"], triplet_margin=hp["triplet_margin"],
+        warmup_epochs=hp["warmup_epochs"], grad_clip=hp["grad_clip"], num_workers=num_workers,
+        seed=cfg.seed, lines_per_writer=cfg.lines_per_writer)
+
+
+class WriterObjective:
+    """Callable objective(trial, trial_dir) -> validation page top-1 of the best epoch."""
+
+    def __init__(self, cfg: SearchConfig, stop: StopFlag, cpu_threads: int | None = None):
+        self.cfg, self.stop = cfg, stop
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.device = pick_device()
+        # Loader processes share this worker's cores; more than the cores only adds switching.
+        self.num_workers = min(cfg.num_workers, max(0, available_cores() - 1))
+        self._data: dataset.DataBundle | None = None
+
+    @property
+    def data(self) -> "dataset.DataBundle":
+        """The data, built on first use from the shared cache and kept for every later trial."""
+        if self._data is None:
+            index, writers = load_index(self.cfg)
+            self._data = dataset.make_datasets(
+                index, writers, self.cfg.img_height, self.cfg.img_width, self.cfg.image_cache_dir,
+                self.cfg.max_val_pages_per_writer, self.cfg.seed, processes=available_cores())
+            if self._data.skipped:
+                logger.warning("%d unreadable image(s) left out", len(self._data.skipped))
+        return self._data
+
+    def __call__(self, trial: optuna.Trial, trial_dir: Path) -> float:
+        cfg, data = self.cfg, self.data
+        hp = suggest_hparams(trial, cfg.models, pretrained=not cfg.no_pretrained,
+                             epochs=cfg.epochs)
+        resumed_from = trial.user_attrs.get("resumed_from")
+        atomic.write_json(trial_dir / "config.json", {
+            "trial_number": trial.number, "hyperparameters": hp, "settings": cfg.to_dict(),
+            "writers": list(data.writers), "resumed_from": resumed_from,
+            "device": str(self.device)})
+        logger.info("Trial %d hyperparameters: %s", trial.number, hp)
+        trainer = Trainer(model_lib.build_model(model_spec(hp, len(data.writers), cfg)), data,
+                          train_config(hp, cfg, self.num_workers), self.device, trial_dir,
+                          {"trial_number": trial.number, "hparams": hp, "settings": cfg.to_dict(),
+                           "title": f"Trial {trial.number} ({hp['model_type']})"},
+                          stop_check=self.stop.check)
+        resume_path = self._resume_source(trial, trial_dir, resumed_from)
+        status = "failed"
+        try:
+            result = trainer.fit(lambda e, row: self._on_epoch(trial, trainer, e, row), resume_path)
+            status = result["status"]
+        except optuna.TrialPruned:
+            status = "pruned"
+            raise
+        except StopRequested:
+            status = "interrupted"
+            raise
+        finally:
+            self._finish(trial, trainer, trial_dir, status)
+        return float(result["val_page_top1"])
+
+    def _on_epoch(self, trial: optuna.Trial, trainer: Trainer, epoch: int,
+                  row: dict[str, float]) -> None:
+        """Report to Optuna, keep metrics.json current, then the pruning check."""
+        trial.report(row["val_page_top1"], epoch)
+        atomic.write_json(Path(trainer.out_dir) / "metrics.json", trainer.result("running"))
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} (val page top-1 "
+                                     f"{row['val_page_top1']:.4f})")
+
+    def _resume_source(self, trial: optuna.Trial, trial_dir: Path,
+                       resumed_from: int | None) -> Path | None:
+        """For a rerun of an interrupted trial: its last.pth, best model and reported curve."""
+        if resumed_from is None:
+            return None
+        old_dir = Path(self.cfg.checkpoint_dir) / f"trial_{int(resumed_from):03d}"
+        old = trial.study.get_trials(deepcopy=False)[int(resumed_from)]
+        for step, value in sorted(old.intermediate_values.items()):
+            trial.report(value, step)
+        if not (old_dir / "last.pth").exists():
+            logger.info("Trial %d reruns trial %d from scratch (it saved no last.pth)",
+                        trial.number, resumed_from)
+            return None
+        if (old_dir / "best_model.pth").exists():
+            shutil.copy2(old_dir / "best_model.pth", trial_dir / "best_model.pth")
+        logger.info("Trial %d continues trial %d from %s", trial.number, resumed_from,
+                    old_dir / "last.pth")
+        return old_dir / "last.pth"
+
+    @staticmethod
+    def _finish(trial: optuna.Trial, trainer: Trainer, trial_dir: Path, status: str) -> None:
+        """Final metrics.json, the metrics as user attributes, the training-curve plot."""
+        result = trainer.result(status)
+        atomic.write_json(trial_dir / "metrics.json", result)
+        for key in (*METRIC_KEYS, "best_epoch", "epochs_run"):
+            value = result[key]
+            trial.set_user_attr(key, None if value != value else value)
+        trainer.write_plot()
