@@ -38,7 +38,9 @@ def evaluate_checkpoint(best_model_path: str | Path, split: str = "test",
         raise UsageError(f"{root} has no {split}/ lines for the model's writers")
     bundle = dataset.make_datasets(index, writers, settings["img_height"], settings["img_width"],
                                    settings.get("cache_dir") or Path(settings["checkpoint_dir"])
-                                   / "cache", max_val_pages_per_writer=10 ** 9,
+                                   / "cache",
+                                   # the search's own subset, so that its image cache is reused
+                                   max_val_pages_per_writer=settings["max_val_pages_per_writer"],
                                    seed=settings["seed"], processes=available_cores())
     ds, page_ids = (bundle.test, bundle.test_page_ids) if split == "test" else \
         (bundle.val, bundle.val_page_ids)

@@ -18,7 +18,6 @@ import torch
 import atomic
 import data_index
 import dataset
-import image_cache
 import model as model_lib
 from config import SearchConfig, UsageError
 from search_space import suggest_hparams
@@ -50,24 +49,30 @@ def prepare_data(cfg: SearchConfig) -> tuple[str, ...]:
     for note in index.notes:
         logger.warning("%s", note)
     val = data_index.validation_subset(index.splits["val"], cfg.max_val_pages_per_writer)
-    few = data_index.writers_with_few_pages(val, 2)
+    few = data_index.writers_with_few_pages(val, 2, writers=writers)
+    if len(few) == len(writers):
+        raise UsageError(f"no writer in {cfg.data_root} has 2 validation pages: page retrieval "
+                         "cannot be measured; add validation pages (val/<writer>/<page>/)")
     if few:
         logger.warning("%d writer(s) have fewer than 2 validation pages, so their pages cannot be "
                        "retrieval queries (they stay as distractors): %s", len(few),
                        ", ".join(few[:10]) + (" …" if len(few) > 10 else ""))
-    if len(few) == len(writers):
-        raise UsageError(f"no writer in {cfg.data_root} has 2 validation pages: page retrieval "
-                         "cannot be measured; add validation pages (val/<writer>/<page>/)")
     for model_type in cfg.models:
         model_lib.check_input_size(model_type, cfg.img_height, cfg.img_width)
         if not cfg.no_pretrained and model_type != "small":
             model_lib.ensure_pretrained_available(model_type)
-    paths = [r.path for records in index.splits.values() for r in records]
     logger.info("Data: %d writers, %s", len(writers),
                 ", ".join(f"{len(r)} {s} lines" for s, r in index.splits.items()))
-    image_cache.build_or_load_cache(paths, cfg.img_height, cfg.img_width, cfg.image_cache_dir,
-                                    processes=available_cores())
+    make_bundle(cfg, index, writers)  # builds the cache and checks what is readable
     return writers
+
+
+def make_bundle(cfg: SearchConfig, index: data_index.DataIndex,
+                writers: tuple[str, ...]) -> dataset.DataBundle:
+    """Datasets over the shared cache (built here if it does not exist yet)."""
+    return dataset.make_datasets(index, writers, cfg.img_height, cfg.img_width,
+                                 cfg.image_cache_dir, cfg.max_val_pages_per_writer, cfg.seed,
+                                 processes=available_cores())
 
 
 def pick_device() -> torch.device:
@@ -113,12 +118,7 @@ class WriterObjective:
     def data(self) -> "dataset.DataBundle":
         """The data, built on first use from the shared cache and kept for every later trial."""
         if self._data is None:
-            index, writers = load_index(self.cfg)
-            self._data = dataset.make_datasets(
-                index, writers, self.cfg.img_height, self.cfg.img_width, self.cfg.image_cache_dir,
-                self.cfg.max_val_pages_per_writer, self.cfg.seed, processes=available_cores())
-            if self._data.skipped:
-                logger.warning("%d unreadable image(s) left out", len(self._data.skipped))
+            self._data = make_bundle(self.cfg, *load_index(self.cfg))
         return self._data
 
     def __call__(self, trial: optuna.Trial, trial_dir: Path) -> float:

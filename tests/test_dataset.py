@@ -1,0 +1,190 @@
+"""Line datasets, augmentation, the writer-balanced sampler and make_datasets."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_index
+import dataset as ds
+from image_cache import ImageCache
+from synthetic import make_synthetic
+
+
+def labels_of(sizes: list[int]) -> np.ndarray:
+    return np.concatenate([np.full(n, w) for w, n in enumerate(sizes)])
+
+
+def test_sampler_draws_exactly_the_quota_per_writer_and_never_runs_dry():
+    labels = labels_of([3, 10, 500])
+    sampler = ds.WriterBalancedSampler(labels, lines_per_writer=40, seed=1)
+    assert len(sampler) == 120
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert len(drawn) == 120
+        per_writer = Counter(int(labels[i % len(labels)]) for i in drawn)
+        assert per_writer == {0: 40, 1: 40, 2: 40}
+
+
+def test_sampler_cycles_without_replacement_across_epochs():
+    labels = labels_of([7, 4])
+    n = len(labels)
+    sampler = ds.WriterBalancedSampler(labels, lines_per_writer=5, seed=3)
+    draws = np.concatenate([sampler.epoch_indices(e) for e in range(5)])   # 25 per writer
+    for writer, size in ((0, 7), (1, 4)):
+        mine = [int(d) for d in draws if labels[d % n] == writer]
+        cycles: dict[int, list[int]] = {}
+        for d in mine:
+            cycles.setdefault(d // n, []).append(d % n)
+        lines = set(np.flatnonzero(labels == writer).tolist())
+        for cycle, members in cycles.items():
+            assert len(members) == len(set(members)), (writer, cycle)   # no repeat in a cycle
+            if cycle < max(cycles):
+                assert set(members) == lines                            # full cycles see all
+        assert len(cycles) == -(-25 // size)   # epochs continue the stream, never restart it
+
+
+def test_sampler_shuffles_and_is_deterministic_without_history():
+    labels = labels_of([30, 30, 30])
+    a = ds.WriterBalancedSampler(labels, lines_per_writer=20, seed=5)
+    for epoch in range(4):
+        a.set_epoch(epoch)
+        list(a)
+    b = ds.WriterBalancedSampler(labels, lines_per_writer=20, seed=5)
+    b.set_epoch(3)
+    assert list(a) == list(b)                      # resumed at epoch 3 without epochs 0..2
+    assert list(b) != b.epoch_indices(2).tolist()
+    assert b.epoch_indices(3).tolist() != ds.WriterBalancedSampler(labels, 20, 6).epoch_indices(
+        3).tolist()
+    first = [int(labels[i % 90]) for i in b.epoch_indices(0)]
+    assert first != sorted(first)                  # writers are interleaved, not in blocks
+
+
+def test_otsu_threshold_separates_two_modes():
+    rng = np.random.default_rng(0)
+    img = np.concatenate([rng.normal(40, 8, 500), rng.normal(200, 10, 1500)])
+    img = np.clip(img, 0, 255).astype(np.uint8).reshape(20, 100)
+    assert 60 < ds.otsu_threshold(img) < 170
+
+
+def line_image() -> np.ndarray:
+    img = np.full((32, 160), 230, dtype=np.uint8)
+    img[10:22, 20:140:6] = 30
+    return img
+
+
+def test_augment_is_reproducible_and_varies_with_the_seed():
+    img = line_image()
+    outs = [ds.augment(img, np.random.default_rng(s)) for s in range(6)]
+    again = [ds.augment(img, np.random.default_rng(s)) for s in range(6)]
+    for a, b in zip(outs, again):
+        assert a.dtype == np.uint8 and a.shape == img.shape
+        np.testing.assert_array_equal(a, b)
+    assert len({o.tobytes() for o in outs}) == 6
+    assert img.min() == 30 and img.max() == 230   # the input is not modified
+
+
+def test_each_augmentation_runs(monkeypatch):
+    img = line_image()
+    for name in ("P_BINARIZE", "P_ROTATE", "P_BLUR", "P_JITTER", "P_NOISE"):
+        monkeypatch.setattr(ds, name, 0.0)
+    assert (ds.augment(img, np.random.default_rng(0)) == img).all()
+    monkeypatch.setattr(ds, "P_BINARIZE", 1.0)
+    assert set(np.unique(ds.augment(img, np.random.default_rng(0)))) == {0, 255}
+    monkeypatch.setattr(ds, "P_BINARIZE", 0.0)
+    monkeypatch.setattr(ds, "P_ROTATE", 1.0)
+    rotated = ds.augment(np.full((32, 160), 0, np.uint8), np.random.default_rng(1))
+    assert rotated.max() == 255                   # corners filled with white paper
+
+
+def toy_cache(n: int = 6) -> ImageCache:
+    pixels = np.stack([np.full((8, 16), 10 * k + 5, dtype=np.uint8) for k in range(n)])
+    return ImageCache(pixels, tuple(f"/p{k}" for k in range(n)), np.ones(n, dtype=bool))
+
+
+def test_line_dataset_items_and_reproducible_augmentation():
+    cache = toy_cache()
+    plain = ds.LineDataset(cache, [4, 1], [7, 3], train=False, seed=0)
+    x, label, index = plain[0]
+    assert x.shape == (1, 8, 16) and x.dtype == torch.float32 and (label, index) == (7, 0)
+    assert torch.allclose(x, torch.full_like(x, 45 / 255))
+    train = ds.LineDataset(cache, list(range(6)), [0] * 6, train=True, seed=0)
+    twin = ds.LineDataset(cache, list(range(6)), [0] * 6, train=True, seed=0)
+    runs = {}
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        twin.set_epoch(epoch)
+        runs[epoch] = torch.stack([train[i][0] for i in range(6)])
+        assert torch.equal(runs[epoch], torch.stack([twin[i][0] for i in range(6)]))
+    assert not torch.equal(runs[0], runs[1])
+    again = train[2 + 6 * 3]                       # same line, another draw in this epoch
+    assert again[1:] == (0, 2) and not torch.equal(again[0], train[2][0])
+
+
+def test_loader_batches_do_not_depend_on_worker_count():
+    cache = toy_cache(12)
+    data = ds.LineDataset(cache, list(range(12)), [k % 3 for k in range(12)], train=True, seed=4)
+    sampler = ds.WriterBalancedSampler(data.labels, lines_per_writer=8, seed=4)
+    batches = []
+    for workers in (0, 2):
+        data.set_epoch(2)
+        sampler.set_epoch(2)
+        loader = torch.utils.data.DataLoader(data, batch_size=6, sampler=sampler,
+                                             num_workers=workers)
+        batches.append([(x, y, i) for x, y, i in loader])
+    for (x0, y0, i0), (x1, y1, i1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(i0, i1)
+
+
+def test_make_datasets_on_messy_data(tmp_path):
+    root = make_synthetic(tmp_path / "data", writers=4, pages_per_writer=6, lines_per_page=3,
+                          height=32, mess=True)
+    index = data_index.index_dataset(str(root))
+    writers = data_index.select_writers(index.writers, 3)
+    bundle = ds.make_datasets(index, writers, 32, 128, tmp_path / "cache",
+                              max_val_pages_per_writer=1, seed=0, processes=1)
+    assert bundle.writers == writers
+    assert sorted(os.path.basename(p) for p in bundle.skipped) == ["line_900.png", "line_901.png"]
+    usable_train = [r for r in index.splits["train"] if r.writer in writers
+                    and r.path not in bundle.skipped]
+    assert len(bundle.train) == len(usable_train)
+    assert Counter(bundle.train_labels.tolist()) == Counter(writers.index(r.writer)
+                                                            for r in usable_train)
+    assert len(bundle.val_page_writer) == 3 and sorted(bundle.val_page_writer) == [0, 1, 2]
+    assert len(bundle.val) == 9 and len(bundle.val_page_ids) == 9
+    for item, page in enumerate(bundle.val_page_ids):
+        assert bundle.val[item][1] == bundle.val_page_writer[page]
+        assert writers[bundle.val_page_writer[page]] in bundle.val_page_names[page]
+    assert bundle.test is not None and len(bundle.test) == 9
+    assert len(bundle.test_page_writer) == 3
+    assert bundle.test_page_ids.shape == (9,)
+    rows = set(bundle.train.rows) | set(bundle.val.rows) | set(bundle.test.rows)
+    cache = bundle.train.cache
+    assert all(cache.ok[r] for r in rows) and len(rows) == len(bundle.train) + 18
+
+
+def test_cli_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        ds.main(["make-synthetic", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--writers", "--pages-per-writer", "--lines-per-page", "--seed", "--height",
+                 "--flat", "--mess"):
+        assert flag in text
+    assert text.count("(default:") >= 7
+
+
+def test_cli_makes_a_flat_data_set_and_rejects_a_used_folder(tmp_path, capsys):
+    out = tmp_path / "flat data"
+    assert ds.main(["make-synthetic", str(out), "--writers", "3", "--pages-per-writer", "2",
+                    "--lines-per-page", "2", "--height", "24", "--flat"]) == 0
+    assert not (out / "train").exists() and len(list(out.glob("*/*/*.png"))) == 12
+    assert data_index.index_dataset(str(out)).auto_split
+    with Image.open(next(out.glob("*/*/*.png"))) as img:
+        assert img.size[1] == 24
+    assert ds.main(["make-synthetic", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
