@@ -1,0 +1,111 @@
+"""GPU paths: run on a machine with CUDA (the device machine), skipped elsewhere.
+
+    python -m pytest tests/test_gpu.py -v
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import study as study_lib
+from config import SearchConfig
+from single_gpu_hyperparameter_search import run_one_trial
+from synthetic import make_synthetic
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run on the device machine)")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("gpu") / "lines", writers=6,
+                          pages_per_writer=6, lines_per_page=6, height=64)
+
+
+def _bundle(data, tmp_path, height, width):
+    import data_index
+    import dataset
+
+    index = data_index.index_dataset(str(data))
+    return dataset.make_datasets(index, index.writers, height, width, tmp_path / "cache", 20, 0, 2)
+
+
+@pytest.mark.parametrize("model_type, size", [("small", (64, 640)), ("convnext", (64, 640)),
+                                              ("vit", (64, 640))])
+def test_amp_training_epoch_on_gpu(data, tmp_path, model_type, size):
+    import model as model_lib
+    from train import Trainer, TrainConfig, amp_settings
+
+    device = torch.device("cuda:0")
+    on, dtype, scaler = amp_settings(device)
+    assert on and dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    bundle = _bundle(data, tmp_path, *size)
+    net = model_lib.build_model(model_lib.ModelSpec(model_type, len(bundle.writers), 128, *size,
+                                                    pretrained=False))
+    tc = TrainConfig(epochs=2, patience=5, batch_size=16, lr=1e-3 if model_type == "small"
+                     else 2e-4, weight_decay=1e-4, triplet_weight=0.5, mixup_alpha=0.2,
+                     lines_per_writer=32, num_workers=2)
+    rows = []
+    result = Trainer(net, bundle, tc, device, tmp_path / "trial", {"title": model_type}).fit(
+        lambda epoch, row: rows.append(row))
+    assert result["epochs_run"] == 2 and np.isfinite(rows[-1]["train_loss"])
+    assert 0.0 <= result["val_page_top1"] <= 1.0
+    assert (tmp_path / "trial" / "best_model.pth").exists()
+    print(f"{model_type}: {[round(r['epoch_time_s'], 2) for r in rows]} s/epoch, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+def test_memory_is_released_after_an_out_of_memory_trial(tmp_path):
+    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=2,
+                       objective="x.py:f")
+    study = study_lib.open_study(cfg)
+    baseline = torch.cuda.memory_allocated()
+    free, _total = torch.cuda.mem_get_info()
+
+    def greedy(trial, trial_dir):
+        trial.suggest_float("x", 0, 1)
+        keep = torch.empty(int(free * 0.5), dtype=torch.uint8, device="cuda")  # held by the frame
+        torch.empty(int(free * 0.8), dtype=torch.uint8, device="cuda")         # then OOM
+        return float(keep.numel())
+
+    trial = study_lib.claim_trial(study, 2, tmp_path, "gpu0")
+    state, reason = run_one_trial(study, trial, greedy, cfg)
+    assert state == TrialState.FAIL and "OutOfMemoryError" in reason
+    assert torch.cuda.memory_allocated() == baseline
+    reserved_after = torch.cuda.memory_reserved()
+    assert reserved_after < free * 0.1, f"{reserved_after} bytes still reserved"
+
+    def fits(trial, trial_dir):
+        trial.suggest_float("x", 0, 1)
+        return float(torch.ones(int(free * 0.6), dtype=torch.uint8, device="cuda").sum() > 0)
+
+    trial = study_lib.claim_trial(study, 2, tmp_path, "gpu0")
+    assert run_one_trial(study, trial, fits, cfg)[0] == TrialState.COMPLETE
+
+
+def test_two_workers_share_one_gpu(data, tmp_path):
+    if not (ROOT / "parallel_search.py").exists():
+        pytest.skip("parallel_search.py not present")
+    cmd = [sys.executable, str(ROOT / "parallel_search.py"), "--data_root", str(data),
+           "--checkpoint_dir", str(tmp_path / "ckpt"), "--n_trials", "4", "--gpus", "0",
+           "--workers_per_gpu", "2", "--models", "small", "--epochs", "3", "--img_height", "64",
+           "--img_width", "640", "--use_all_writers", "--lines_per_writer", "64", "--no_summary"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    trials = optuna.load_study(study_name="writer_id_search",
+                               storage=f"sqlite:///{tmp_path}/ckpt/optuna_study.db").get_trials()
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, workers
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "trials never overlapped"
+    logs = list((tmp_path / "ckpt" / "logs").glob("worker_gpu0*.log"))
+    assert len(logs) == 2
+    assert all("CUDA is not available" not in p.read_text() for p in logs)

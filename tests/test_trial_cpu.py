@@ -1,0 +1,94 @@
+"""Real trials of the built-in objective on tiny synthetic data, on the CPU, as a user runs them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from model import load_best_model
+from synthetic import make_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--models", "small", "--img_height", "32", "--img_width", "256", "--batch_size", "8",
+        "--lines_per_writer", "16", "--num_workers", "0", "--use_all_writers"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data") / "lines", writers=4,
+                          pages_per_writer=6, lines_per_page=4, height=32, mess=True)
+
+
+def search(data, ckpt, n_trials, epochs, **popen):
+    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--data_root",
+           str(data), "--checkpoint_dir", str(ckpt), "--n_trials", str(n_trials), "--epochs",
+           str(epochs), *TINY]
+    if popen:
+        return subprocess.Popen(cmd, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def load(ckpt):
+    return optuna.load_study(study_name="writer_id_search",
+                             storage=f"sqlite:///{ckpt}/optuna_study.db").get_trials()
+
+
+def test_one_real_trial_writes_everything_a_user_reads(data, tmp_path):
+    r = search(data, tmp_path, 1, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trial_dir = tmp_path / "trial_000"
+    for name in ("config.json", "best_model.pth", "last.pth", "metrics.json", "history.csv",
+                 "plots/training_curves.png"):
+        assert (trial_dir / name).is_file(), name
+    metrics = json.loads((trial_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
+                            "val_page_cls_acc", "best_epoch", "epochs_run", "status"}
+    assert metrics["epochs_run"] == 2 and metrics["status"] == "complete"
+    history = pd.read_csv(trial_dir / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    best_row = history[history["epoch"] == metrics["best_epoch"]].iloc[0]
+    assert best_row["val_page_top1"] == pytest.approx(metrics["val_page_top1"])
+    config = json.loads((trial_dir / "config.json").read_text())
+    assert config["trial_number"] == 0 and len(config["writers"]) == 4
+    assert config["hyperparameters"]["model_type"] == "small"
+    (trial,) = load(tmp_path)
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(metrics["val_page_top1"])
+    assert sorted(trial.intermediate_values) == [1, 2]
+    net, writers, meta = load_best_model(trial_dir / "best_model.pth")
+    emb, logits = net(torch.ones(2, 1, 32, 256))
+    assert writers == config["writers"] and logits.shape == (2, 4)
+    assert meta["epoch"] == metrics["best_epoch"]
+    assert "unreadable" in r.stderr  # the corrupt files were reported, not used
+
+
+def test_interrupted_trial_continues_from_its_last_checkpoint(data, tmp_path):
+    proc = search(data, tmp_path, 1, 4, stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "trial_000" / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (history.exists() and
+                                          len(history.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    first = load(tmp_path)[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"
+    done_before = len(pd.read_csv(history))
+    assert done_before < 4
+    r = search(data, tmp_path, 1, 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rerun = load(tmp_path)[1]
+    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["resumed_from"] == 0
+    assert rerun.params == first.params
+    resumed = pd.read_csv(tmp_path / "trial_001" / "history.csv")
+    assert list(resumed["epoch"]) == [1, 2, 3, 4]          # the old epochs, then the rest
+    assert f"continues trial 0" in r.stderr
+    assert sorted(rerun.intermediate_values) == [1, 2, 3, 4]
