@@ -223,15 +223,21 @@ def _build(paths: tuple[str, ...], height: int, width: int, npy: Path, meta: Pat
                 len(failures), time.monotonic() - start, npy, npy.stat().st_size / 2**20)
 
 
+# Starting decoder processes costs about a second; below this many images one process is faster.
+MIN_IMAGES_FOR_POOL = 256
+
+
 def _decode_all(paths: tuple[str, ...], height: int, width: int,
                 processes: int) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """(row, pixels or None, error) for every path, in order; a Pool when processes > 1."""
     jobs = ((row, path, height, width) for row, path in enumerate(paths))
-    if processes <= 1 or len(paths) < 2:
+    if processes <= 1 or len(paths) < MIN_IMAGES_FOR_POOL:
         yield from map(_decode_job, jobs)
         return
     chunksize = max(1, min(32, len(paths) // (processes * 16)))
-    with multiprocessing.get_context().Pool(processes, initializer=_default_signals) as pool:
+    # spawn, not fork: the caller may already run threads (torch, heartbeats, logging), and a
+    # forked child can inherit one of their locks held, then wait on it forever.
+    with multiprocessing.get_context("spawn").Pool(processes, initializer=_default_signals) as pool:
         # imap hands results back in order as they finish: only a few images are in RAM at once
         yield from pool.imap(_decode_job, jobs, chunksize=chunksize)
 

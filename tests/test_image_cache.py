@@ -135,7 +135,8 @@ def test_unreadable_images_are_skipped_and_reported_once(tmp_path, caplog):
         assert cache.ok[cache.row(p)] and cache.pixels[cache.row(p)].min() < 255
 
 
-def test_pool_decoding_matches_single_process(tmp_path):
+def test_pool_decoding_matches_single_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(ic, "MIN_IMAGES_FOR_POOL", 2)   # use the pool even for a few images
     paths = write_images(tmp_path / "imgs", 9)
     (tmp_path / "imgs" / "bad.png").write_bytes(b"\x89PNG broken")
     paths.append(str(tmp_path / "imgs" / "bad.png"))
