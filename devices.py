@@ -1,0 +1,181 @@
+"""Which devices the parallel search uses, which worker runs where, and how CPU cores are split.
+
+Everything here is pure (plain strings, lists and dicts in, new values out) except `probe_gpus`,
+the one function that asks the machine. Workers are pinned by the id the parent itself sees in
+CUDA_VISIBLE_DEVICES (an index, a `GPU-…` UUID or a `MIG-…` id), never by a renumbered 0..n-1:
+with CUDA_VISIBLE_DEVICES=0,1,3 the workers get 0, 1 and 3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from typing import Callable, Mapping, Sequence
+
+from config import UsageError
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSlot:
+    """One worker process to run: its label (gpu3, gpu3w1, cpu0), rank and device id."""
+
+    label: str
+    rank: int
+    device: str | None  # the CUDA_VISIBLE_DEVICES id, None for a CPU worker
+
+    def describe(self) -> str:
+        """Human words for the device: "GPU 3", "GPU 3 (gpu3w1)", "CPU (cpu0)"."""
+        if self.device is None:
+            return f"CPU ({self.label})"
+        plain = f"GPU {self.device}"
+        return plain if self.label == gpu_label(self.device) else f"{plain} ({self.label})"
+
+
+def parse_id_list(text: str, source: str) -> list[str]:
+    """Split a comma list of device ids; UsageError on empty entries or duplicates."""
+    ids = [part.strip() for part in text.split(",")]
+    if any(not i for i in ids):
+        raise UsageError(f"{source}={text!r} has an empty entry; use a comma list such as 0,1,3")
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise UsageError(f"{source}={text!r} lists GPU {', '.join(dupes)} more than once; "
+                         "name each GPU once (use --workers_per_gpu K for K workers per GPU)")
+    return ids
+
+
+def visible_from_env(environ: Mapping[str, str]) -> list[str] | None:
+    """The ids in CUDA_VISIBLE_DEVICES as given; [] when empty or -1; None when unset."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    if value.strip() in ("", "-1"):
+        return []
+    return parse_id_list(value, "CUDA_VISIBLE_DEVICES")
+
+
+def resolve_gpus(gpus_flag: str | None, environ: Mapping[str, str],
+                 probe: Callable[[], list[str]]) -> list[str]:
+    """The GPU ids to use: --gpus, else CUDA_VISIBLE_DEVICES, else what `probe` finds."""
+    visible = visible_from_env(environ)
+    if gpus_flag is None:
+        return visible if visible is not None else list(probe())
+    wanted = parse_id_list(gpus_flag, "--gpus")
+    if visible is None:
+        return wanted  # trusted as given: ids as nvidia-smi numbers them
+    shown = ",".join(visible) or "(none)"
+    if len(wanted) > len(visible):
+        raise UsageError(f"{len(wanted)} gpus requested (--gpus {gpus_flag}), but only "
+                         f"{len(visible)} were specified visible (CUDA_VISIBLE_DEVICES={shown})")
+    unknown = [g for g in wanted if g not in visible]
+    if unknown:
+        raise UsageError(f"--gpus {gpus_flag}: GPU {', '.join(unknown)} is not in "
+                         f"CUDA_VISIBLE_DEVICES={shown}; name GPUs from that list or drop --gpus")
+    return wanted
+
+
+def gpu_label(device: str) -> str:
+    """A file-name-safe label for a GPU id: gpu3, or gpu-GPU-8f3e… for a UUID / MIG id."""
+    if device.isdigit():
+        return f"gpu{device}"
+    return "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-")
+
+
+def plan_workers(gpus: Sequence[str], workers_per_gpu: int = 1,
+                 cpu_workers: int | None = None) -> list[WorkerSlot]:
+    """One slot per GPU (× workers_per_gpu), or `cpu_workers` CPU slots (pure)."""
+    if cpu_workers is not None:
+        return [WorkerSlot(f"cpu{i}", i, None) for i in range(cpu_workers)]
+    slots = []
+    for device in gpus:
+        for k in range(workers_per_gpu):
+            suffix = f"w{k}" if workers_per_gpu > 1 else ""
+            slots.append(WorkerSlot(gpu_label(device) + suffix, len(slots), device))
+    return slots
+
+
+def threads_per_worker(n_cores: int, n_workers: int) -> int:
+    """CPU cores each worker may use (at least one)."""
+    return max(1, n_cores // max(1, n_workers))
+
+
+def loader_processes(requested: int, threads: int) -> int:
+    """Data-loader processes per worker: the user's --num_workers, capped so that the worker's
+    main process and its loaders fit in its share of cores."""
+    return max(0, min(requested, threads - 1))
+
+
+def worker_env(base: Mapping[str, str], slot: WorkerSlot, n_workers: int, parent_pid: int,
+               threads: int) -> dict[str, str]:
+    """The environment of one worker: a new dict from `base` with pinning and identity set."""
+    env = dict(base)
+    env["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
+    env.update({name: str(threads) for name in THREAD_VARS})
+    env.update({
+        "PARALLEL_SEARCH_WORKER": slot.label,
+        "PARALLEL_SEARCH_RANK": str(slot.rank),
+        "PARALLEL_SEARCH_N_WORKERS": str(n_workers),
+        "PARALLEL_SEARCH_MANAGED": "1",
+        "PARALLEL_SEARCH_PARENT_PID": str(parent_pid),
+        "PARALLEL_SEARCH_CPU_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def parse_nvidia_smi(output: str) -> list[str]:
+    """GPU indices from `nvidia-smi --query-gpu=index --format=csv,noheader` output (pure)."""
+    return [line.strip() for line in output.splitlines() if line.strip().isdigit()]
+
+
+def probe_gpus(timeout_s: float = 15.0) -> list[str]:
+    """GPU indices on this machine, from NVML if importable, else nvidia-smi; [] when none.
+
+    Never imports torch: the launcher must stay light and must not create a CUDA context.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, or no driver: try the command-line tool
+        pass
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        result = subprocess.run([exe, "--query-gpu=index", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_nvidia_smi(result.stdout) if result.returncode == 0 else []
+
+
+def choose_workers(gpus_flag: str | None, cpu_workers: int | None, workers_per_gpu: int,
+                   environ: Mapping[str, str], probe: Callable[[], list[str]],
+                   cpu_fallback: int | None = None) -> list[WorkerSlot]:
+    """Validate the device flags and plan the workers; `cpu_fallback` CPU workers when no GPU
+    is found (the demo), else UsageError with the hint to use --cpu_workers."""
+    if workers_per_gpu < 1:
+        raise UsageError(f"--workers_per_gpu must be at least 1, got {workers_per_gpu}")
+    if cpu_workers is not None:
+        if gpus_flag is not None:
+            raise UsageError(f"--gpus {gpus_flag} conflicts with --cpu_workers {cpu_workers}; "
+                             "pass one of them")
+        if cpu_workers < 1:
+            raise UsageError(f"--cpu_workers must be at least 1, got {cpu_workers}")
+        return plan_workers([], cpu_workers=cpu_workers)
+    gpus = resolve_gpus(gpus_flag, environ, probe)
+    if gpus:
+        return plan_workers(gpus, workers_per_gpu)
+    if cpu_fallback:
+        return plan_workers([], cpu_workers=cpu_fallback)
+    where = ("CUDA_VISIBLE_DEVICES is empty" if visible_from_env(environ) is not None
+             else "nvidia-smi found none")
+    raise UsageError(f"No GPUs available ({where}); pass --cpu_workers N to run N workers on "
+                     "the CPU, or --gpus LIST")

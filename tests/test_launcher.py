@@ -1,0 +1,383 @@
+"""The parallel launcher: pure decisions with plain data, then real CPU worker processes running a
+tiny objective that sleeps like a GPU-bound trial (tests/objectives/sleepy.py)."""
+import ctypes
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import devices
+import parallel_search as ps
+import progress
+from config import SearchConfig, config_from_args
+from study import Counts
+from workers import Controller, Worker, backoff_s
+
+ROOT = Path(__file__).resolve().parents[1]
+SLEEPY = ROOT / "tests" / "objectives" / "sleepy.py"
+
+
+# ---------------------------------------------------------------- pure decisions
+
+@pytest.mark.parametrize("code, kind", [(0, "done"), (2, "usage"), (3, "failures"), (1, "died"),
+                                        (130, "died"), (143, "died"), (-9, "died"), (-11, "died")])
+def test_worker_exit_codes(code, kind):
+    assert ps.classify_exit(code) == kind
+
+
+def test_describe_exit():
+    assert ps.describe_exit(-9) == "killed by SIGKILL"
+    assert ps.describe_exit(1) == "exit code 1"
+
+
+@pytest.mark.parametrize("finished, usage, sig, code", [
+    (24, False, None, 0), (30, False, None, 0), (23, False, None, 1), (24, True, None, 2),
+    (5, False, signal.SIGINT, 130), (24, False, signal.SIGTERM, 143)])
+def test_exit_code_is_zero_only_when_the_budget_was_reached(finished, usage, sig, code):
+    assert ps.final_exit_code(finished, 24, usage, sig) == code
+
+
+@pytest.mark.parametrize("to_run, workers, text", [(24, 4, "6"), (10, 4, "2-3"), (2, 4, "0-1")])
+def test_trials_per_worker(to_run, workers, text):
+    assert ps.trials_per_worker(to_run, workers) == text
+
+
+def test_demo_defaults_yield_to_explicit_flags():
+    parser = ps.build_parser()
+    ns = parser.parse_args(ps.with_demo_defaults(["--demo", "--n_trials", "3", "--epochs", "2"]))
+    assert (ns.n_trials, ns.epochs, ns.models, ns.img_width) == (3, 2, "small", 640)
+    assert (ns.data_root, ns.checkpoint_dir, ns.no_pretrained) == ("demo_data", "demo_runs", True)
+    assert ps.with_demo_defaults(["--n_trials", "3"]) == ["--n_trials", "3"]
+
+
+def test_worker_argv_rebuilds_the_same_config_with_capped_loaders(tmp_path):
+    cfg = SearchConfig(data_root=str(tmp_path), checkpoint_dir=str(tmp_path / "c d"), n_trials=24,
+                       num_workers=8, models=("small",), storage="sqlite:////x y.db")
+    argv = ps.worker_argv(cfg, loaders=1, python="py")
+    assert argv[:2] == ["py", str(ps.WORKER_SCRIPT)]
+    ns = ps.build_parser().parse_args(argv[2:])
+    assert config_from_args(ns) == SearchConfig(**{**cfg.__dict__, "num_workers": 1})
+
+
+def test_build_workers_pins_each_worker_to_the_parents_id(tmp_path):
+    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=24, num_workers=4,
+                       objective="x.py:f")
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,3", "HOME": "/h"}
+    slots = devices.choose_workers(None, None, 1, env, lambda: [])
+    workers = ps.build_workers(cfg, slots, "20260101_000000", env, parent_pid=7, n_cores=8)
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1", "3"]
+    assert [w.log_path.name for w in workers] == [f"worker_gpu{i}_20260101_000000.log"
+                                                  for i in (0, 1, 3)]
+    for w in workers:  # the same total budget for every worker, not n_trials each
+        assert w.argv[w.argv.index("--n_trials") + 1] == "24"
+        assert w.argv[w.argv.index("--num_workers") + 1] == "1"  # 8 cores / 3 workers - 1
+        assert w.env["OMP_NUM_THREADS"] == "2"
+    assert env == {"CUDA_VISIBLE_DEVICES": "0,1,3", "HOME": "/h"}
+
+
+def test_status_line_and_eta():
+    counts = Counts(complete=6, pruned=1, failed=2, running=4, best_value=0.81234,
+                    best_number=5)
+    line = progress.status_line(counts, 24, 754, progress.eta_s(7, 0, 24, 754))
+    assert line == ("7/24 finished | 4 running | 1 pruned | 2 failed | best 0.8123 (trial 5) | "
+                    "12:34 elapsed | ETA 30:31")
+    assert progress.eta_s(3, 3, 24, 100) is None  # nothing finished in this run yet
+    assert progress.eta_s(24, 3, 24, 100) == 0.0
+    assert progress.format_duration(3 * 3600 + 62) == "3:01:02"
+    assert "best --" in progress.status_line(Counts(), 5, 0, None)
+
+
+def test_status_line_redraws_on_a_terminal_and_logs_calmly():
+    out, logged, now = io.StringIO(), [], [0.0]
+    status = progress.StatusLine(out, tty=True, log=logged.append, log_every_s=30,
+                                 clock=lambda: now[0])
+    for t in (0, 1, 2, 31):
+        now[0] = t
+        status.update(f"line {t}")
+    assert logged == ["line 0", "line 31"]
+    assert out.getvalue().count(progress.CLEAR_LINE) == 4 and out.getvalue().endswith("line 31")
+    quiet = progress.StatusLine(io.StringIO(), tty=False, log=logged.append)
+    quiet.update("x")
+    assert quiet.stream.getvalue() == ""
+
+
+def test_restart_back_off_and_dropping_a_device_that_keeps_failing(tmp_path):
+    now = [100.0]
+    worker = Worker(devices.WorkerSlot("gpu3", 0, "3"), ["x"], {}, tmp_path / "w.log")
+    ctl = Controller([worker], clock=lambda: now[0])
+    assert [backoff_s(n) for n in (1, 2, 3, 10)] == [1, 2, 4, 30]
+    worker.started_at = now[0] - 5  # died 5 s after starting, three times: restarted each time
+    assert [ctl.schedule_restart(worker) for _ in range(3)] == [True, True, True]
+    assert worker.restart_at == now[0] + 4
+    assert not ctl.schedule_restart(worker)  # the fourth time: the device is dropped
+    assert worker.restart_at is None and not ctl.active()
+    healthy = Worker(devices.WorkerSlot("gpu1", 1, "1"), ["x"], {}, tmp_path / "h.log",
+                     early_failures=3, started_at=0.0)  # ran 100 s before dying
+    assert ctl.schedule_restart(healthy) and healthy.early_failures == 1
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (["--cpu_workers", "2", "--gpus", "0"], {}, "conflicts with --cpu_workers"),
+    (["--gpus", "0,0"], {}, "more than once"),
+    (["--gpus", "0,1,3"], {"CUDA_VISIBLE_DEVICES": "0,1"}, "3 gpus requested"),
+    ([], {"CUDA_VISIBLE_DEVICES": ""}, "No GPUs available"),
+    (["--cpu_workers", "0"], {}, "--cpu_workers must be at least 1"),
+    (["--workers_per_gpu", "0", "--gpus", "0"], {}, "--workers_per_gpu must be at least 1"),
+    (["--cpu_workers", "1", "--stop_timeout", "-1"], {}, "--stop_timeout must be 0 or more"),
+    (["--cpu_workers", "1", "--objective", "nope.py:f"], {}, "does not exist"),
+])
+def test_bad_arguments_exit_2_naming_the_value_before_anything_starts(
+        tmp_path, monkeypatch, capsys, flags, env, message):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ckpt = tmp_path / "never"
+    assert ps.main(["--checkpoint_dir", str(ckpt), "--n_trials", "4", "--objective",
+                    f"{SLEEPY}:objective", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not ckpt.exists()
+
+
+def test_the_launcher_never_imports_torch():
+    code = ("import sys, parallel_search as ps, devices, workers, progress, study\n"
+            "ps.build_parser().parse_args(ps.with_demo_defaults(['--demo']))\n"
+            "devices.choose_workers(None, None, 1, {}, devices.probe_gpus, cpu_fallback=2)\n"
+            "ps.trials_per_worker(24, 4); ps.classify_exit(3)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# ---------------------------------------------------------------- real processes
+
+def _descendants_by_env(launcher_pid):
+    """Every live process whose environment says it belongs to this launcher's run."""
+    tag = f"PARALLEL_SEARCH_PARENT_PID={launcher_pid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if tag in (entry / "environ").read_bytes().split(b"\0") and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+class Run:
+    """One launcher process started like a user would, output kept in a file."""
+
+    def __init__(self, ckpt, flags, sleep, env=None, objective=SLEEPY):
+        self.ckpt = Path(ckpt)
+        self.out_path = self.ckpt.parent / (self.ckpt.name + ".out")
+        full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        full_env.update({"SLEEPY_SECONDS": str(sleep), **(env or {})})
+        with open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "parallel_search.py"), "--objective",
+                 f"{objective}:objective", "--checkpoint_dir", str(self.ckpt), "--no_summary",
+                 *flags], env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.started = time.monotonic()
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"launcher still running after {timeout} s:\n{self.output()}")
+
+    def output(self):
+        return self.out_path.read_text(errors="replace")
+
+    def started_trials(self):
+        return len(list(self.ckpt.glob("trial_*/env.json")))
+
+    def wait_until_started(self, n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while self.started_trials() < n:
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < deadline, f"{n} trials never started:\n{self.output()}"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def runs():
+    """Start launchers; kill whatever is left of them when the test ends."""
+    started = []
+    yield lambda *a, **k: started.append(Run(*a, **k)) or started[-1]
+    for run in started:
+        for pid in [run.proc.pid, *_descendants_by_env(run.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.proc.wait()
+
+
+def trials(ckpt):
+    storage = f"sqlite:///{Path(ckpt) / 'optuna_study.db'}"
+    return optuna.load_study(study_name="writer_id_search", storage=storage).get_trials()
+
+
+def by_state(ts, state):
+    return [t for t in ts if t.state == state]
+
+
+def envs(ckpt):
+    return [json.loads(p.read_text()) for p in sorted(Path(ckpt).glob("trial_*/env.json"))]
+
+
+def max_overlap(records):
+    events = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def test_four_cpu_workers_run_at_once_and_finish_exactly_the_budget(tmp_path, runs):
+    # Paths with spaces and quotes: argv lists, never a shell string.
+    objective = tmp_path / "my objectives" / "sleepy 'obj'.py"
+    objective.parent.mkdir()
+    shutil.copy(SLEEPY, objective)
+    ckpt = tmp_path / "run dir 'a' \"b\""
+    run = runs(ckpt, ["--cpu_workers", "4", "--n_trials", "12"], sleep=2, objective=objective)
+    assert run.wait(90) == 0, run.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 12 and len(ts) == 12
+    assert max_overlap(envs(ckpt)) == 4
+    logs = sorted(p.name.rsplit("_", 2)[0] for p in (ckpt / "logs").iterdir())
+    assert logs == ["launcher", "worker_cpu0", "worker_cpu1", "worker_cpu2", "worker_cpu3"]
+    threads = str(devices.threads_per_worker(len(os.sched_getaffinity(0)), 4))
+    assert {r["omp_num_threads"] for r in envs(ckpt)} == {threads}
+    assert {r["cuda_visible_devices"] for r in envs(ckpt)} == {""}
+    assert "12/12 finished" in run.output()
+
+
+def test_eight_racing_workers_never_overshoot_the_budget(tmp_path, runs):
+    run = runs(tmp_path / "c", ["--cpu_workers", "8", "--n_trials", "10"], sleep=0.2)
+    assert run.wait(90) == 0, run.output()
+    ts = trials(tmp_path / "c")
+    assert len(ts) == 10 and len(by_state(ts, TrialState.COMPLETE)) == 10
+
+
+def test_workers_see_exactly_the_parents_gpu_ids(tmp_path, runs):
+    ckpt = tmp_path / "c"
+    run = runs(ckpt, ["--n_trials", "3"], sleep=0.2,
+               env={"CUDA_VISIBLE_DEVICES": "0,1,3", "SLEEPY_WAIT_FOR": "3"})
+    assert run.wait(90) == 0, run.output()
+    seen = {r["worker"]: r["cuda_visible_devices"] for r in envs(ckpt)}
+    assert seen == {"gpu0": "0", "gpu1": "1", "gpu3": "3"}
+    assert sorted(p.name.split("_")[1] for p in (ckpt / "logs").glob("worker_*")) == \
+        ["gpu0", "gpu1", "gpu3"]
+
+
+def test_ctrl_c_stops_every_process_and_a_rerun_finishes_the_budget(tmp_path, runs):
+    ckpt = tmp_path / "ctrl c 'run'"
+    flags = ["--cpu_workers", "2", "--n_trials", "4"]
+    run = runs(ckpt, flags, sleep=120)
+    run.wait_until_started(2)
+    members = _descendants_by_env(run.proc.pid)
+    assert len(members) == 2
+    assert "libtorch" not in Path(f"/proc/{run.proc.pid}/maps").read_text()  # the real run too
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(45) == 130, run.output()
+    assert time.monotonic() - t0 < 20
+    assert "INTERRUPT RECEIVED" in run.output() and "Stopping worker on CPU (cpu0)" in run.output()
+    time.sleep(0.5)
+    assert not [p for p in members if Path(f"/proc/{p}").exists()
+                and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+    ts = trials(ckpt)
+    assert not by_state(ts, TrialState.RUNNING)
+    stopped = by_state(ts, TrialState.FAIL)
+    assert [t.user_attrs["fail_reason"] for t in stopped] == ["interrupted", "interrupted"]
+
+    rerun = runs(ckpt, flags, sleep=0.2)
+    assert rerun.wait(90) == 0, rerun.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 4
+    reruns = {t.user_attrs.get("resumed_from"): t for t in by_state(ts, TrialState.COMPLETE)}
+    for t in stopped:  # stopped trials ran again first, with their hyperparameters
+        assert reruns[t.number].params == t.params
+
+
+def test_a_worker_killed_with_sigkill_is_restarted_and_its_trial_retried(tmp_path, runs):
+    ckpt = tmp_path / "c"
+    run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "4"], sleep=2)
+    run.wait_until_started(1)
+    victim = envs(ckpt)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert run.wait(90) == 0, run.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 4
+    dead = [t for t in by_state(ts, TrialState.FAIL) if t.user_attrs.get("pid") == victim["pid"]]
+    assert [t.user_attrs["fail_reason"] for t in dead] == ["worker_died"]
+    retried = [t for t in ts if t.user_attrs.get("resumed_from") == dead[0].number]
+    assert retried and retried[0].params == dead[0].params
+    assert "killed by SIGKILL" in run.output() and "Restarting worker" in run.output()
+
+
+def test_kill_9_of_launcher_and_workers_then_rerun_finishes_exactly(tmp_path, runs):
+    ckpt = tmp_path / "c"
+    flags = ["--cpu_workers", "2", "--n_trials", "4"]
+    run = runs(ckpt, flags, sleep=120)
+    run.wait_until_started(2)
+    for pid in [*_descendants_by_env(run.proc.pid), run.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    run.proc.wait()
+    assert len(by_state(trials(ckpt), TrialState.RUNNING)) == 2  # what a crash leaves behind
+
+    rerun = runs(ckpt, flags, sleep=0.2)
+    assert rerun.wait(120) == 0, rerun.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 4 and not by_state(ts, TrialState.RUNNING)
+    assert [t.user_attrs["fail_reason"] for t in by_state(ts, TrialState.FAIL)] == \
+        ["crashed", "crashed"]
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def test_workers_do_not_outlive_a_killed_launcher(tmp_path, runs):
+    # Orphans are adopted by this test process (a subreaper), not by the machine's init, so the
+    # test sees how they end, wherever it runs.
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    try:
+        ckpt = tmp_path / "c"
+        run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "4"], sleep=120)
+        run.wait_until_started(2)
+        members = _descendants_by_env(run.proc.pid)
+        assert len(members) == 2
+        # One thread: Linux repeats PDEATHSIG for every launcher thread a worker is handed to.
+        assert len(os.listdir(f"/proc/{run.proc.pid}/task")) == 1
+        run.proc.kill()
+        run.proc.wait()
+        codes = {pid: _wait_orphan(pid, timeout=20) for pid in members}
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
+    assert set(codes.values()) == {143}, codes  # each stopped on the SIGTERM of PDEATHSIG
+    ts = trials(ckpt)  # ... and marked its trial: none is left RUNNING
+    assert [t.user_attrs["fail_reason"] for t in by_state(ts, TrialState.FAIL)] == \
+        ["interrupted", "interrupted"]
+
+
+def _wait_orphan(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.1)
+    pytest.fail(f"worker {pid} outlived its launcher by {timeout} s")
