@@ -227,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn = sub.add_parser("make-synthetic", help="write a synthetic handwriting-like data set")
     syn.add_argument("out", help="output folder; must not exist or be empty (required)")
     syn.add_argument("--writers", type=int, default=8, help="number of writers (default: 8)")
-    syn.add_argument("--pages-per-writer", type=int, default=8, help="pages per writer, split "
+    syn.add_argument("--pages-per-writer", type=int, default=10, help="pages per writer, split "
                      "~70/15/15 (at least 2 validation pages from 4 pages on) into "
-                     "train/val/test unless --flat (default: 8)")
+                     "train/val/test unless --flat (default: 10: 6/2/2 pages)")
     syn.add_argument("--lines-per-page", type=int, default=8, help="lines per page (default: 8)")
     syn.add_argument("--seed", type=int, default=0, help="random seed of styles and lines "
                      "(default: 0)")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 import data_index
@@ -42,13 +43,16 @@ def evaluate_checkpoint(best_model_path: str | Path, split: str = "test",
                                    # the search's own subset, so that its image cache is reused
                                    max_val_pages_per_writer=settings["max_val_pages_per_writer"],
                                    seed=settings["seed"], processes=available_cores())
-    ds, page_ids = (bundle.test, bundle.test_page_ids) if split == "test" else \
-        (bundle.val, bundle.val_page_ids)
+    ds, page_ids, page_writer = (
+        (bundle.test, bundle.test_page_ids, bundle.test_page_writer) if split == "test" else
+        (bundle.val, bundle.val_page_ids, bundle.val_page_writer))
     device = pick_device()
     loader = make_loader(ds, settings["batch_size"] * 2, 0, device)
     found = evaluate(net.to(device), loader, page_ids, device, prefix="")
-    found.update({"split": split, "pages": int(len(set(page_ids.tolist()))),
-                  "lines": int(len(ds))})
+    pages_per_writer = np.bincount(page_writer)
+    found.update({"split": split, "pages": int(len(page_writer)), "lines": int(len(ds)),
+                  # pages whose writer has another page here: only these can be queries
+                  "retrieval_queries": int((pages_per_writer[page_writer] >= 2).sum())})
     return found
 
 

@@ -2,7 +2,10 @@
 
 The first signal asks the worker to stop at the next safe point: the built-in trainer polls
 `StopFlag.requested` between batches; code that cannot poll (a custom objective) is interrupted by
-`StopRequested` raised from the handler while `raise_now` is set. A second signal raises at once.
+`StopRequested` raised from the handler while `raise_now` is set. A second Ctrl+C (SIGINT, a
+moment after the first) raises at once. Repeated SIGTERMs do not escalate: they arrive in bursts
+(`scancel` signals every process while the launcher forwards its own; Linux sends the
+parent-death signal once per launcher thread), and the launcher escalates with SIGKILL itself.
 Handlers are installed explicitly: a process started in the background inherits SIGINT as
 *ignored*, so Python's default KeyboardInterrupt cannot be relied on.
 """
@@ -12,10 +15,13 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from types import FrameType
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+# A second SIGINT sooner than this is the same keypress reaching us twice, not a second one.
+ESCALATION_MIN_GAP_S = 0.5
 
 
 class StopRequested(Exception):
@@ -27,7 +33,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.count = 0
+        self.first_at = 0.0
         self.raise_now = False
 
     @property
@@ -46,13 +52,21 @@ class StopFlag:
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         """Signal handler: record the signal; raise where the running code cannot poll."""
-        self.count += 1
-        if self.signum is None:
-            self.signum = signum
+        first = self.signum is None
+        if first:
+            self.signum, self.first_at = signum, time.monotonic()
             logger.warning("%s received: stopping at the next safe point",
                            signal.Signals(signum).name)
-        if self.raise_now or self.count > 1:
-            raise StopRequested(f"stopped by {signal.Signals(signum).name}")
+        if not first and is_escalation(signum, time.monotonic() - self.first_at):
+            logger.warning("Second Ctrl+C: stopping now")
+        elif not self.raise_now:
+            return
+        raise StopRequested(f"stopped by {signal.Signals(signum).name}")
+
+
+def is_escalation(signum: int, seconds_since_first: float) -> bool:
+    """A repeated signal means 'stop now' only for a person pressing Ctrl+C again (pure)."""
+    return signum == signal.SIGINT and seconds_since_first >= ESCALATION_MIN_GAP_S
 
 
 def install_stop_handlers(flag: StopFlag) -> None:

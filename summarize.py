@@ -426,14 +426,26 @@ def _best_section(snap: Snapshot, outcome: BestOutcome, checkpoint_dir: Path) ->
         lines.append("best_overall/ has no best_model.pth: the objective wrote none for this "
                      "trial (config.json and metrics.json are there).")
     if outcome.test_metrics:
-        m = outcome.test_metrics
-        lines.append(f"Held-out test split: page top-1 {m.get('page_top1', float('nan')):.4f}, "
-                     f"page top-5 {m.get('page_top5', float('nan')):.4f}, "
-                     f"mAP {m.get('page_map', float('nan')):.4f} "
-                     f"(`{checkpoint_dir / 'best_overall' / 'test_metrics.json'}`).")
+        lines.append(_test_line(outcome.test_metrics,
+                                checkpoint_dir / "best_overall" / "test_metrics.json"))
     elif outcome.test_note:
         lines.append(f"Test split: {outcome.test_note}.")
     return lines
+
+
+def _test_line(m: dict[str, Any], path: Path) -> str:
+    """The held-out figures in one sentence; says why retrieval is missing when it is."""
+    def fmt(key: str) -> str:
+        value = m.get(key)
+        return "n/a" if value is None or value != value else f"{value:.4f}"
+
+    if m.get("retrieval_queries") == 0:
+        return (f"Held-out test split: page retrieval is undefined (no writer has two test "
+                f"pages); page classification accuracy {fmt('page_cls_acc')}, line accuracy "
+                f"{fmt('line_acc')} (`{path}`).")
+    return (f"Held-out test split: page top-1 {fmt('page_top1')}, page top-5 {fmt('page_top5')}"
+            f", mAP {fmt('page_map')}, page classification accuracy {fmt('page_cls_acc')} "
+            f"(`{path}`).")
 
 
 # ---------------------------------------------------------------- the whole summary

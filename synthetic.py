@@ -225,7 +225,7 @@ def _check_args(out: Path, writers: int, pages_per_writer: int, lines_per_page: 
             raise config.UsageError(f"--{name} must be at least {low}, got {value}")
 
 
-def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 8,
+def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10,
                    lines_per_page: int = 8, seed: int = 0, height: int = 64, flat: bool = False,
                    mess: bool = False) -> Path:
     """Write a synthetic data set to `out` (train/val/test, or writer folders when `flat`)."""
