@@ -10,8 +10,6 @@ changed files give a new cache beside the old one. Files in CACHE_DIR:
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 import atomic
+import locks
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +151,8 @@ def build_or_load_cache(paths: Sequence[str], height: int, width: int, cache_dir
     npy, meta = folder / f"lines_{key}.npy", folder / f"lines_{key}.json"
     cache = _load(npy, meta, unique, height, width)
     if cache is None:
-        with _locked(folder / f"lines_{key}.lock"):
+        with locks.file_lock(folder / f"lines_{key}.lock", waiting="Waiting for another "
+                             f"process to finish the image cache in {folder}"):
             # another process may have finished this cache while we waited for the lock
             cache = _load(npy, meta, unique, height, width)
             if cache is None:
@@ -176,21 +176,6 @@ def _load(npy: Path, meta: Path, paths: tuple[str, ...], height: int,
         return None
     failures = tuple((p, e) for p, e in info["failures"])
     return ImageCache(pixels, paths, np.array(info["ok"], dtype=bool), str(npy), failures)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if missing) for the duration of the block."""
-    with open(path, "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Waiting for another process to finish the image cache (%s)", path)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build(paths: tuple[str, ...], height: int, width: int, npy: Path, meta: Path,

@@ -15,11 +15,12 @@ import threading
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+import locks
 from config import SearchConfig, UsageError
 
 logger = logging.getLogger(__name__)
@@ -185,17 +186,9 @@ def budget_left(counts: Counts, n_trials: int) -> int:
     return max(0, n_trials - counts.finished - counts.running)
 
 
-@contextlib.contextmanager
-def budget_lock(checkpoint_dir: str | os.PathLike) -> Iterator[None]:
+def budget_lock(checkpoint_dir: str | os.PathLike):
     """Serialise 'count, then start a trial' across the processes of one node."""
-    path = Path(checkpoint_dir) / ".budget.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return locks.file_lock(Path(checkpoint_dir) / ".budget.lock")
 
 
 def claim_trial(study: optuna.Study, n_trials: int, checkpoint_dir: str | os.PathLike,

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -24,13 +23,14 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 import atomic
+import locks
 import study as study_lib
 import summary_plots as plots
 from config import DEFAULT_STUDY_NAME, STUDY_DB_NAME, UsageError
@@ -450,19 +450,10 @@ def _test_line(m: dict[str, Any], path: Path) -> str:
 
 # ---------------------------------------------------------------- the whole summary
 
-@contextlib.contextmanager
-def summary_lock(checkpoint_dir: Path) -> Iterator[None]:
+def summary_lock(checkpoint_dir: Path):
     """One summariser at a time per checkpoint folder (the launcher's and a user's)."""
-    with open(checkpoint_dir / ".summary.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Another summary of %s is being written; waiting for it", checkpoint_dir)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return locks.file_lock(checkpoint_dir / ".summary.lock", waiting=f"Another summary of "
+                           f"{checkpoint_dir} is being written; waiting for it")
 
 
 def write_figures(snap: Snapshot, out: Path) -> None:

@@ -2,7 +2,6 @@
 
     python -m pytest tests/test_gpu.py -v
 """
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Real trials of the built-in objective on tiny synthetic data, on the CPU, as a user runs them."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -90,5 +89,5 @@ def test_interrupted_trial_continues_from_its_last_checkpoint(data, tmp_path):
     assert rerun.params == first.params
     resumed = pd.read_csv(tmp_path / "trial_001" / "history.csv")
     assert list(resumed["epoch"]) == [1, 2, 3, 4]          # the old epochs, then the rest
-    assert f"continues trial 0" in r.stderr
+    assert "continues trial 0" in r.stderr
     assert sorted(rerun.intermediate_values) == [1, 2, 3, 4]
