@@ -271,13 +271,43 @@ def writers_with_few_pages(records: Iterable[LineRecord], minimum: int = 2,
     return sorted(w for w in names if len(pages.get(w, ())) < minimum)
 
 
+def halve_single_pages(records: Sequence[LineRecord]) -> tuple[tuple[LineRecord, ...], list[str]]:
+    """Split the page of each writer who has just one (of 2+ lines) into two half-pages.
+
+    Leave-one-out page retrieval needs a second page of the writer to find; with one page per
+    writer it is undefined. Splitting such a page into halves (first lines / last lines, as is
+    done for the one-page writers of IAM in the writer-retrieval literature) makes it measurable.
+    Returns the records (half-pages named '<page>#1' and '<page>#2') and the writers affected.
+    """
+    pages = _pages_by_writer(records)
+    single = {w for w, ps in pages.items() if len(ps) == 1}
+    lines: dict[str, list[LineRecord]] = defaultdict(list)
+    for r in records:
+        if r.writer in single:
+            lines[r.page].append(r)
+    halved = {page: {r.path: f"{page}#{1 + 2 * i // len(recs)}"
+                     for i, r in enumerate(sorted(recs, key=lambda r: r.path))}
+              for page, recs in lines.items() if len(recs) >= 2}
+    out = tuple(dataclasses.replace(r, page=halved[r.page][r.path]) if r.page in halved else r
+                for r in records)
+    return out, sorted({r.writer for r in records if r.page in halved})
+
+
 def search_subset(index: DataIndex, writers: Sequence[str],
                   max_val_pages_per_writer: int) -> DataIndex:
-    """`index` cut to `writers`, with val cut to its fixed validation subset: what a search uses."""
+    """What a search uses: `index` cut to `writers`, val cut to its fixed validation subset, and
+    the single page of a writer in val or test split into halves (see halve_single_pages)."""
     sub = restrict_to_writers(index, writers)
-    splits = dict(sub.splits)
+    splits, notes = dict(sub.splits), list(sub.notes)
     splits["val"] = validation_subset(sub.splits["val"], max_val_pages_per_writer)
-    return dataclasses.replace(sub, splits=splits)
+    for split in ("val", "test"):
+        if split in splits:
+            splits[split], halved = halve_single_pages(splits[split])
+            if halved:
+                notes.append(f"{len(halved)} writer(s) have one {split} page, split into two "
+                             f"half-pages so that page retrieval can be measured: "
+                             f"{', '.join(halved[:5])}{' …' if len(halved) > 5 else ''}")
+    return dataclasses.replace(sub, splits=splits, notes=tuple(notes))
 
 
 def index_paths(index: DataIndex) -> list[str]:

@@ -46,10 +46,10 @@ def prepare_data(cfg: SearchConfig) -> tuple[str, ...]:
     set, a bad image size or missing pretrained weights stop the run before any training.
     """
     index, writers = load_index(cfg)
-    for note in index.notes:
+    used = data_index.search_subset(index, writers, cfg.max_val_pages_per_writer)
+    for note in used.notes:
         logger.warning("%s", note)
-    val = data_index.validation_subset(index.splits["val"], cfg.max_val_pages_per_writer)
-    few = data_index.writers_with_few_pages(val, 2, writers=writers)
+    few = data_index.writers_with_few_pages(used.splits["val"], 2, writers=writers)
     if len(few) == len(writers):
         raise UsageError(f"no writer in {cfg.data_root} has 2 validation pages: page retrieval "
                          "cannot be measured; add validation pages (val/<writer>/<page>/)")
@@ -62,7 +62,7 @@ def prepare_data(cfg: SearchConfig) -> tuple[str, ...]:
         if not cfg.no_pretrained and model_type != "small":
             model_lib.ensure_pretrained_available(model_type)
     logger.info("Data: %d writers, %s", len(writers),
-                ", ".join(f"{len(r)} {s} lines" for s, r in index.splits.items()))
+                ", ".join(f"{len(r)} {s} lines" for s, r in used.splits.items()))
     make_bundle(cfg, index, writers)  # builds the cache and checks what is readable
     return writers
 

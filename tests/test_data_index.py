@@ -223,3 +223,17 @@ def test_search_subset_and_its_paths(tmp_path):
     assert {r.writer for recs in sub.splits.values() for r in recs} == {"a", "b"}
     paths = di.index_paths(sub)
     assert len(paths) == len(set(paths)) == 2 + 2 * 2 * 2 + 2
+
+
+def test_single_pages_are_halved_so_retrieval_has_a_second_page():
+    rec = lambda w, p, i: di.LineRecord(path=f"/d/val/{w}/{p}/line_{i:02d}.png", writer=w,
+                                        page=f"val/{w}/{p}")
+    records = ([rec("a", "p1", i) for i in range(5)] + [rec("b", "p1", i) for i in range(2)]
+               + [rec("b", "p2", i) for i in range(2)] + [rec("c", "p1", 0)])
+    out, halved = di.halve_single_pages(records)
+    assert halved == ["a"]                                   # b has two pages, c one line
+    pages_a = [r.page for r in out if r.writer == "a"]
+    assert pages_a == ["val/a/p1#1"] * 3 + ["val/a/p1#2"] * 2  # first lines / last lines
+    assert [r.page for r in out if r.writer != "a"] == [r.page for r in records if r.writer != "a"]
+    assert [r.path for r in out] == [r.path for r in records]
+    assert di.writers_with_few_pages(out, 2) == ["c"]
