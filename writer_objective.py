@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,13 @@ def available_cores() -> int:
 
 
 def load_index(cfg: SearchConfig) -> tuple[data_index.DataIndex, tuple[str, ...]]:
-    """Index the data and keep the selected writers; log what the index noticed."""
+    """Index the data and keep the selected writers (a large data set takes a while: say so)."""
+    started = time.monotonic()
+    logger.info("Indexing %s ...", cfg.data_root)
     index = data_index.index_dataset(cfg.data_root)
+    logger.info("Indexed %d lines of %d writers in %.1f s",
+                sum(len(r) for r in index.splits.values()), len(index.writers),
+                time.monotonic() - started)
     writers = data_index.select_writers(index.writers, cfg.num_writers_subset)
     return data_index.restrict_to_writers(index, writers), writers
 
