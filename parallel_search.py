@@ -21,7 +21,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import devices
 import progress
 from config import SearchConfig, UsageError, add_search_args, config_from_args, config_to_argv
-from workers import Controller, Exit, Worker
+from workers import Controller, Exit, Interrupts, Worker, run_child
 
 if TYPE_CHECKING:  # loaded in launch(), after the launcher has limited its BLAS threads
     import optuna
@@ -140,50 +139,11 @@ def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp:
 
 # ---------------------------------------------------------------- signals and helper processes
 
-class Interrupts:
-    """Counts SIGINT/SIGTERM; the main loop acts on them (no work inside the handler)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.signum: int | None = None
-
-    def handle(self, signum: int, frame: object) -> None:
-        self.count += 1
-        if self.signum is None:
-            self.signum = signum
-
-    def install(self) -> None:
-        # Installed explicitly: a launcher started in the background inherits SIGINT ignored.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-
-def run_child(argv: list[str], env: Mapping[str, str], interrupts: Interrupts) -> int:
-    """Run a helper (preparation, summary) in its own process group, its output shown and logged;
-    a new Ctrl+C kills it at once: it has nothing to save."""
-    seen = interrupts.count
-    proc = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True)
-    echo = threading.Thread(target=_echo_lines, args=(proc.stdout,), daemon=True)
-    echo.start()
-    while True:
-        try:
-            code = proc.wait(timeout=POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            if interrupts.count > seen:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-    echo.join(timeout=5)
-    return code
-
-
-def _echo_lines(stream) -> None:
-    for line in stream:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        file_log.info("| %s", line.rstrip("\n"))
+def _echo(line: str) -> None:
+    """A helper's output line: to the terminal as it is, and into the launcher log."""
+    sys.stdout.write(line)
+    sys.stdout.flush()
+    file_log.info("| %s", line.rstrip("\n"))
 
 
 def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupts) -> int:
@@ -193,7 +153,7 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupt
            "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
     logger.info("Preparing: data, image cache, pretrained weights, study")
     code = run_child([sys.executable, str(WORKER_SCRIPT), *config_to_argv(cfg), "--prepare_only"],
-                     env, interrupts)
+                     env, interrupts, echo=_echo)
     if interrupts.count:
         logger.warning("Interrupted while preparing: no worker was started")
         return 128 + interrupts.signum
@@ -213,7 +173,7 @@ def summarize(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interru
     logger.info("Summarizing results into %s", cfg.checkpoint_dir)
     code = run_child([sys.executable, str(SUMMARY_SCRIPT), "--checkpoint_dir", cfg.checkpoint_dir,
                       "--storage", cfg.storage_url, "--study_name", cfg.study_name],
-                     environ, interrupts)
+                     environ, interrupts, echo=_echo)
     if code != 0:
         logger.warning("Summary failed (exit code %d); rerun it with: %s", code, shlex.join(
             [sys.executable, str(SUMMARY_SCRIPT), "--checkpoint_dir", cfg.checkpoint_dir,

@@ -12,9 +12,10 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from devices import WorkerSlot
 
@@ -25,6 +26,7 @@ HEALTHY_AFTER_S = 60.0
 # Restarts in a row of a worker that dies soon after starting; then its device is dropped.
 MAX_EARLY_FAILURES = 3
 MAX_BACKOFF_S = 30.0
+HELPER_POLL_S = 0.2
 
 
 @dataclasses.dataclass
@@ -163,3 +165,51 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _kill_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- signals and helper processes
+
+class Interrupts:
+    """Counts SIGINT/SIGTERM; the main loop acts on them (no work inside the handler)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self) -> None:
+        # Installed explicitly: a launcher started in the background inherits SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+
+def run_child(argv: list[str], env: Mapping[str, str], interrupts: Interrupts,
+              echo: Callable[[str], None]) -> int:
+    """Run a helper (preparation, summary) in its own process group, its output shown and logged;
+    a new Ctrl+C kills it at once: it has nothing to save."""
+    seen = interrupts.count
+    proc = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+    reader = threading.Thread(target=_pump, args=(proc.stdout, echo), daemon=True)
+    reader.start()
+    while True:
+        try:
+            code = proc.wait(timeout=HELPER_POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            if interrupts.count > seen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=5)
+    return code
+
+
+def _pump(stream, echo: Callable[[str], None]) -> None:
+    """Hand each line of a helper's output to `echo` until it closes."""
+    for line in stream:
+        echo(line)
