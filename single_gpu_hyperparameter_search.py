@@ -148,7 +148,8 @@ def trial_dir_for(cfg: SearchConfig, number: int) -> Path:
 
 
 def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
-                  cfg: SearchConfig) -> tuple[TrialState, str | None]:
+                  cfg: SearchConfig, stop: StopFlag | None = None
+                  ) -> tuple[TrialState, str | None]:
     """Run a claimed trial and record its end in the study; returns (state, fail reason)."""
     trial_dir = trial_dir_for(cfg, trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -165,10 +166,7 @@ def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective
         except (StopRequested, KeyboardInterrupt):
             reason = "interrupted"
         except Exception as exc:  # any failure ends this trial, never the search
-            reason = f"{type(exc).__name__}: {exc}"
-            atomic.write_text(trial_dir / "error.log", traceback.format_exc())
-            logger.error("Trial %d failed: %s (traceback in %s)", trial.number, reason,
-                         trial_dir / "error.log")
+            reason = _failure_reason(exc, trial.number, trial_dir, stop)
         finally:
             _release_device_memory()
     if reason is not None:
@@ -179,6 +177,19 @@ def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective
                 f" with value {float(value):.4f}" if state == TrialState.COMPLETE else
                 (f" ({reason})" if reason else ""), time.time() - started)
     return state, reason
+
+
+def _failure_reason(exc: Exception, number: int, trial_dir: Path, stop: StopFlag | None) -> str:
+    """The fail reason of a trial that raised; its traceback goes to trial_dir/error.log."""
+    if stop is not None and stop.requested:
+        # A consequence of the stop (SIGTERM also ends the data-loader processes, say): the
+        # trial did not fail on its own merits, so it runs again like any interrupted trial.
+        logger.info("Trial %d ended by the stop (%s: %s)", number, type(exc).__name__, exc)
+        return "interrupted"
+    atomic.write_text(trial_dir / "error.log", traceback.format_exc())
+    reason = f"{type(exc).__name__}: {exc}"
+    logger.error("Trial %d failed: %s (traceback in %s)", number, reason, trial_dir / "error.log")
+    return reason
 
 
 def _release_device_memory() -> None:
@@ -208,7 +219,7 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
         logger.info("Trial %d started%s", trial.number,
                     f" (resumes trial {trial.user_attrs['resumed_from']})"
                     if "resumed_from" in trial.user_attrs else "")
-        state, reason = run_one_trial(study, trial, objective, cfg)
+        state, reason = run_one_trial(study, trial, objective, cfg, stop)
         failures_in_row = failures_in_row + 1 if state == TrialState.FAIL and \
             reason != "interrupted" else 0
         if failures_in_row >= MAX_CONSECUTIVE_FAILURES:

@@ -116,3 +116,18 @@ def test_worker_identity_from_environment():
     assert (who.label, who.rank, who.n_workers, who.managed, who.parent_pid) == \
         ("gpu3", 2, 4, True, 77)
     assert WorkerIdentity.from_environ({}) == WorkerIdentity()
+
+
+def test_an_error_caused_by_the_stop_counts_as_an_interruption(tmp_path):
+    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
+           str(tmp_path), "--n_trials", "1", "--objective", f"{OBJ}:stop_breaks_it"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "trial_000").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    (trial,) = trials(tmp_path)
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    assert not (tmp_path / "trial_000" / "error.log").exists()

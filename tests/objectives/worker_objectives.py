@@ -31,3 +31,13 @@ def always_fails(trial, trial_dir):
 def returns_nan(trial, trial_dir):
     trial.suggest_float("x", -5, 5)
     return float("nan")
+
+
+def stop_breaks_it(trial, trial_dir):
+    """Like a trial whose data-loader processes a SIGTERM killed: the stop surfaces as an error."""
+    trial.suggest_float("x", -5, 5)
+    try:
+        time.sleep(60)
+    except BaseException as exc:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.") from exc
+    return 0.0
