@@ -1,10 +1,14 @@
-"""Atomic file writes: every file a later step reads is written to a temporary file in the same
-folder and renamed over the target, so a reader never sees a half-written file."""
+"""Atomic writes: every file a later step reads is written to a temporary file in the same folder
+and renamed over the target, so a reader never sees a half-written file; a whole folder
+(best_overall/) is built beside its target and swapped in with one atomic rename exchange."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -77,3 +81,48 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+# ---------------------------------------------------------------- whole folders
+
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+
+
+def copy_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a file and flush it to disk (before a folder swap makes it visible)."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where that is unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in_folder(new: Path, target: Path) -> Path | None:
+    """Make `new` become `target` so that a reader sees the old or the new folder, never none;
+    returns where the old folder now lies, for the caller to delete a little later."""
+    if not target.exists():
+        os.rename(new, target)
+        return None
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(retired, ignore_errors=True)
+    if exchange_paths(new, target):
+        os.rename(new, retired)  # `new` names the old folder now
+    else:
+        os.rename(target, retired)  # readers may miss the folder for this instant only
+        os.rename(new, target)
+    return retired

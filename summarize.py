@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -51,8 +49,6 @@ FIGURES = {
     "param_importances.png": "hyperparameter importances (Optuna, PED-ANOVA)",
     "optimization_history.png": "value per trial and best so far (Optuna)",
 }
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +232,7 @@ def stage_best(staging: Path, best: FrozenTrial, snap: Snapshot, checkpoint_dir:
     staging.mkdir(parents=True)
     model = trial_dir / "best_model.pth"
     if model.is_file():
-        _copy_durably(model, staging / "best_model.pth")
+        atomic.copy_durably(model, staging / "best_model.pth")
     atomic.write_json(staging / "config.json", best_config(best, snap, trial_dir))
     try:
         metrics = json.loads((trial_dir / "metrics.json").read_text())
@@ -244,45 +240,6 @@ def stage_best(staging: Path, best: FrozenTrial, snap: Snapshot, checkpoint_dir:
         metrics = {"value": best.value, **trial_metrics(best, checkpoint_dir)}
     atomic.write_json(staging / "metrics.json", metrics)
     return model.is_file()
-
-
-def _copy_durably(src: Path, dst: Path) -> None:
-    # Flushed before the folder swap, so a crash cannot leave best_overall/ with an empty model.
-    shutil.copyfile(src, dst)
-    with open(dst, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2); False where that is unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or filesystem
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def swap_in(new: Path, target: Path) -> Path | None:
-    """Make `new` become `target` so that a reader sees the old or the new folder, never none;
-    returns where the old folder now lies, for the caller to delete a little later."""
-    if not target.exists():
-        os.rename(new, target)
-        return None
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(retired, ignore_errors=True)
-    if _exchange(new, target):
-        os.rename(new, retired)  # `new` names the old folder now
-    else:
-        os.rename(target, retired)  # readers may miss the folder for this instant only
-        os.rename(new, target)
-    return retired
 
 
 def _remove_leftovers(checkpoint_dir: Path) -> None:
@@ -309,7 +266,7 @@ def update_best_overall(snap: Snapshot, checkpoint_dir: Path) -> BestOutcome:
     try:
         has_model = stage_best(staging, best, snap, checkpoint_dir)
         tested = _evaluate_into(staging, snap.settings) if has_model and test_dir else None
-        retired = swap_in(staging, target)
+        retired = atomic.swap_in_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only if staging or the swap failed
     return BestOutcome(f"best_overall/ updated from trial {best.number}.", has_model=has_model,

@@ -18,6 +18,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+import atomic
 import summarize
 import summary_plots
 
@@ -212,9 +213,9 @@ def test_swap_keeps_a_complete_folder(tmp_path, monkeypatch, exchange):
     ckpt = tmp_path / "c"
     ckpt.mkdir()
     target = ckpt / "best_overall"
-    assert summarize.swap_in(_stage(ckpt, 0), target) is None
+    assert atomic.swap_in_folder(_stage(ckpt, 0), target) is None
     if not exchange:
-        monkeypatch.setattr(summarize, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "exchange_paths", lambda a, b: False)
     seen, problems, stop = [], [], threading.Event()
 
     def reader() -> None:
@@ -232,7 +233,7 @@ def test_swap_keeps_a_complete_folder(tmp_path, monkeypatch, exchange):
     kept.mkdir()
     try:
         for i in range(1, 60):
-            retired = summarize.swap_in(_stage(ckpt, i), target)
+            retired = atomic.swap_in_folder(_stage(ckpt, i), target)
             assert json.loads((retired / "config.json").read_text())["trial_number"] == i - 1
             retired.rename(kept / str(i))
     finally:
