@@ -155,13 +155,14 @@ def test_make_datasets_on_messy_data(tmp_path):
     assert len(bundle.train) == len(usable_train)
     assert Counter(bundle.train_labels.tolist()) == Counter(writers.index(r.writer)
                                                             for r in usable_train)
-    assert len(bundle.val_page_writer) == 3 and sorted(bundle.val_page_writer) == [0, 1, 2]
+    # one validation page per writer (the cap), each split into two half-pages for retrieval
+    assert sorted(bundle.val_page_writer) == [0, 0, 1, 1, 2, 2]
     assert len(bundle.val) == 9 and len(bundle.val_page_ids) == 9
     for item, page in enumerate(bundle.val_page_ids):
         assert bundle.val[item][1] == bundle.val_page_writer[page]
         assert writers[bundle.val_page_writer[page]] in bundle.val_page_names[page]
     assert bundle.test is not None and len(bundle.test) == 9
-    assert len(bundle.test_page_writer) == 3
+    assert sorted(bundle.test_page_writer) == [0, 0, 1, 1, 2, 2]    # likewise one test page
     assert bundle.test_page_ids.shape == (9,)
     rows = set(bundle.train.rows) | set(bundle.val.rows) | set(bundle.test.rows)
     cache = bundle.train.cache
