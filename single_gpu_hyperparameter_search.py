@@ -108,17 +108,20 @@ class Prepared:
 
 
 def prepare(cfg: SearchConfig, who: WorkerIdentity) -> Prepared:
-    """Validate, create/load the study, check stored settings, build shared caches (once)."""
+    """Validate, create/load the study, check stored settings, then build the shared image
+    cache: a refused setting stops the run before anything is written."""
     writers = None
     if cfg.builtin_objective:
         import writer_objective
 
-        writers = writer_objective.prepare_data(cfg)
+        writers = writer_objective.check_data(cfg)
     else:
         load_objective(cfg.objective)
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
     study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers),
                                       cfg.storage_url)
+    if cfg.builtin_objective:
+        writer_objective.build_cache(cfg)
     return Prepared(study=study, writers=writers)
 
 

@@ -128,9 +128,15 @@ def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -
         old, new = stored.get(key), wanted.get(key)
         if old != new:
             if isinstance(old, list) and isinstance(new, list) and len(old) + len(new) > 6:
-                old, new = f"{len(old)} items", f"{len(new)} items (different)"
+                old, new = _list_summary(old), _list_summary(new)
             diffs.append(f"{key}: stored {old!r}, now {new!r}")
     return diffs
+
+
+def _list_summary(values: list) -> str:
+    """'4 values: a, b, …, d' for a long list in a one-line message (pure)."""
+    shown = values if len(values) <= 3 else [*values[:2], "…", values[-1]]
+    return f"{len(values)} values: {', '.join(map(str, shown))}"
 
 
 def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], where: str) -> None:

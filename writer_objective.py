@@ -45,11 +45,11 @@ def load_index(cfg: SearchConfig) -> tuple[data_index.DataIndex, tuple[str, ...]
     return data_index.restrict_to_writers(index, writers), writers
 
 
-def prepare_data(cfg: SearchConfig) -> tuple[str, ...]:
-    """Validate data and models, then decode every image once into the shared cache.
+def check_data(cfg: SearchConfig) -> tuple[str, ...]:
+    """Index and validate the data, image size and pretrained weights; the writers used.
 
-    Run once before any trial (by the launcher, or the stand-alone search), so that a bad data
-    set, a bad image size or missing pretrained weights stop the run before any training.
+    Cheap and writes nothing, so that a bad data set, image size, missing weights or a
+    changed setting stop the run before anything (the image cache included) is made.
     """
     index, writers = load_index(cfg)
     used = data_index.search_subset(index, writers, cfg.max_val_pages_per_writer)
@@ -69,8 +69,13 @@ def prepare_data(cfg: SearchConfig) -> tuple[str, ...]:
             model_lib.ensure_pretrained_available(model_type)
     logger.info("Data: %d writers, %s", len(writers),
                 ", ".join(f"{len(r)} {s} lines" for s, r in used.splits.items()))
-    make_bundle(cfg, index, writers)  # builds the cache and checks what is readable
     return writers
+
+
+def build_cache(cfg: SearchConfig) -> None:
+    """Decode every image the search uses once into the shared cache (and check what is
+    readable), before any trial: later trials and other workers only load it."""
+    make_bundle(cfg, *load_index(cfg))
 
 
 def make_bundle(cfg: SearchConfig, index: data_index.DataIndex,

@@ -26,10 +26,10 @@ def data(tmp_path_factory):
                           pages_per_writer=6, lines_per_page=4, height=32, mess=True)
 
 
-def search(data, ckpt, n_trials, epochs, **popen):
+def search(data, ckpt, n_trials, epochs, extra=(), **popen):
     cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--data_root",
            str(data), "--checkpoint_dir", str(ckpt), "--n_trials", str(n_trials), "--epochs",
-           str(epochs), *TINY]
+           str(epochs), *TINY, *extra]
     if popen:
         return subprocess.Popen(cmd, **popen)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -67,6 +67,16 @@ def test_one_real_trial_writes_everything_a_user_reads(data, tmp_path):
     assert writers == config["writers"] and logits.shape == (2, 4)
     assert meta["epoch"] == metrics["best_epoch"]
     assert "unreadable" in r.stderr  # the corrupt files were reported, not used
+    # a changed setting is refused before anything is written, the image cache included
+    def files():  # (lock files record who holds them; logs say what happened)
+        return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")
+                if p.is_file() and "logs" not in p.parts and p.suffix != ".lock"}
+
+    before = files()
+    refused = search(data, tmp_path, 2, 2, extra=["--img_width", "320"])
+    assert refused.returncode == 2
+    assert "img_width: stored 256, now 320" in refused.stderr.strip().splitlines()[-1]
+    assert files() == before
 
 
 def test_interrupted_trial_continues_from_its_last_checkpoint(data, tmp_path):
