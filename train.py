@@ -169,7 +169,9 @@ class Trainer:
 
     def load_last(self, path: Path) -> None:
         """Continue from a last.pth written by `save_last` (possibly another trial's folder)."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        # onto the CPU: RNG states must stay CPU tensors; weights and optimiser state move to
+        # the device in load_state_dict
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

@@ -109,3 +109,43 @@ def test_two_workers_share_one_gpu(data, tmp_path):
     logs = list((tmp_path / "ckpt" / "logs").glob("worker_gpu0*.log"))
     assert len(logs) == 2
     assert all("CUDA is not available" not in p.read_text() for p in logs)
+
+
+def test_sigterm_mid_training_then_resume_from_last_checkpoint(data, tmp_path):
+    """scancel-style stop of a real GPU search with data-loader processes, then the same command
+    again: interrupted trials continue from their last.pth, exactly n_trials finish."""
+    import signal
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, str(ROOT / "parallel_search.py"), "--data_root", str(data),
+           "--checkpoint_dir", str(ckpt), "--n_trials", "2", "--gpus", "0", "--workers_per_gpu",
+           "2", "--models", "small", "--epochs", "20", "--img_height", "64", "--img_width", "640",
+           "--use_all_writers", "--lines_per_writer", "400", "--num_workers", "2",
+           "--no_summary"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    histories = lambda: list(ckpt.glob("trial_*/history.csv"))  # noqa: E731
+    while time.time() < deadline and len(histories()) < 2:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    storage = f"sqlite:///{ckpt}/optuna_study.db"
+    first = optuna.load_study(study_name="writer_id_search", storage=storage).get_trials()
+    assert [t.state for t in first] == [TrialState.FAIL, TrialState.FAIL], out[-3000:]
+    assert {t.user_attrs["fail_reason"] for t in first} == {"interrupted"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:]
+    trials = optuna.load_study(study_name="writer_id_search", storage=storage).get_trials()
+    reruns = [t for t in trials if "resumed_from" in t.user_attrs]
+    assert sorted(t.user_attrs["resumed_from"] for t in reruns) == [0, 1]
+    assert all(t.state == TrialState.COMPLETE for t in reruns), [
+        (t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    logs = "".join(p.read_text() for p in (ckpt / "logs").glob("*.log"))
+    assert logs.count("continues trial") == 2
+    for t in reruns:
+        # the old epochs, then the rest (until --epochs or early stopping)
+        assert sorted(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1))
+        assert t.user_attrs["epochs_run"] > len(first[t.user_attrs["resumed_from"]]
+                                                 .intermediate_values)
