@@ -90,7 +90,7 @@ def pick_device() -> torch.device:
     """cuda:0 (the launcher pins a GPU through CUDA_VISIBLE_DEVICES) or, with a warning, the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda:0")
-    logger.warning("CUDA is not available: training on the CPU (slow)")
+    logger.warning("CUDA is not available: running on the CPU (slow)")
     return torch.device("cpu")
 
 
