@@ -22,6 +22,20 @@ def run(ckpt, n, objective="quadratic", *extra, env=None):
                           env={**os.environ, **(env or {})})
 
 
+def signal_mid_trial(ckpt, n, objective, sig, env=None, **popen):
+    """Start the search, send `sig` once its first trial runs; the exit code."""
+    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
+           str(ckpt), "--n_trials", str(n), "--objective", f"{OBJ}:{objective}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL,
+                            text=True, **popen)
+    deadline = time.time() + 60
+    while not (ckpt / "trial_000").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    return proc.wait(timeout=30)
+
+
 def trials(ckpt):
     return optuna.load_study(study_name="writer_id_search",
                              storage=f"sqlite:///{ckpt}/optuna_study.db").get_trials()
@@ -72,18 +86,10 @@ def test_changed_setting_is_refused_and_changes_nothing(tmp_path):
 
 
 def test_sigint_marks_the_trial_interrupted_and_rerun_resumes_it(tmp_path):
-    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
-           str(tmp_path), "--n_trials", "2", "--objective", f"{OBJ}:quadratic"]
     # started with SIGINT ignored, as a background job inherits it: the worker must still stop
-    proc = subprocess.Popen(cmd, env={**os.environ, "TEST_SLEEP": "30"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "trial_000").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
+    code = signal_mid_trial(tmp_path, 2, "quadratic", signal.SIGINT, env={"TEST_SLEEP": "30"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert code == 130
     first = trials(tmp_path)
     assert [t.state for t in first] == [TrialState.FAIL]
     assert first[0].user_attrs["fail_reason"] == "interrupted"
@@ -119,15 +125,7 @@ def test_worker_identity_from_environment():
 
 
 def test_an_error_caused_by_the_stop_counts_as_an_interruption(tmp_path):
-    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
-           str(tmp_path), "--n_trials", "1", "--objective", f"{OBJ}:stop_breaks_it"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "trial_000").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 143
+    assert signal_mid_trial(tmp_path, 1, "stop_breaks_it", signal.SIGTERM) == 143
     (trial,) = trials(tmp_path)
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
     assert not (tmp_path / "trial_000" / "error.log").exists()
