@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="random seed of styles and lines "
                      "(default: 0)")
     syn.add_argument("--height", type=int, default=64, help="line height in pixels (default: 64)")
+    syn.add_argument("--similarity", type=float, default=0.0, help="0: every writer has letters "
+                     "of their own (easy); towards 1: one shared script in ever more similar "
+                     "hands (harder) (default: 0)")
     syn.add_argument("--flat", action="store_true", help="write writer folders directly, without "
                      "train/val/test (default: off)")
     syn.add_argument("--mess", action="store_true", help="add what real data has: odd extensions "
@@ -250,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         make_synthetic(args.out, writers=args.writers, pages_per_writer=args.pages_per_writer,
                        lines_per_page=args.lines_per_page, seed=args.seed, height=args.height,
-                       flat=args.flat, mess=args.mess)
+                       flat=args.flat, mess=args.mess, similarity=args.similarity)
     except config.UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,34 @@ def random_style(rng: np.random.Generator) -> WriterStyle:
                        glyphs=glyphs, frequencies=rng.dirichlet(np.ones(GLYPHS_PER_WRITER)))
 
 
+def _deform(glyph: Glyph, amount: float, rng: np.random.Generator) -> Glyph:
+    """The same letter in another hand: each stroke bent by a smooth random offset."""
+    t = np.linspace(0.0, 1.0, 9)[:, None]
+    bend = lambda: 4 * t * (1 - t) * rng.normal(0.0, amount, size=2)  # noqa: E731
+    strokes = tuple(st + (bend() if len(st) == len(t) else 0.0) for st in glyph.strokes)
+    dots = tuple((x + rng.normal(0, amount / 2), y + rng.normal(0, amount / 2))
+                 for x, y in glyph.dots)
+    return Glyph(glyph.width * float(np.exp(rng.normal(0, amount / 2))), strokes, dots)
+
+
+def shared_script_style(script: WriterStyle, own: WriterStyle, similarity: float,
+                        rng: np.random.Generator) -> WriterStyle:
+    """A writer of a shared script: the script's letters, deformed, and a style drawn
+    `similarity` of the way from the writer's own towards the script's common one."""
+    mix = lambda a, b: (1 - similarity) * a + similarity * b  # noqa: E731
+    freq = mix(own.frequencies, script.frequencies)
+    return WriterStyle(pen=mix(own.pen, script.pen), slant=mix(own.slant, script.slant),
+                       spacing=mix(own.spacing, script.spacing),
+                       word_gap=mix(own.word_gap, script.word_gap),
+                       wobble_amp=mix(own.wobble_amp, script.wobble_amp),
+                       wobble_period=mix(own.wobble_period, script.wobble_period),
+                       x_height=mix(own.x_height, script.x_height),
+                       ink=int(mix(own.ink, script.ink)),
+                       glyphs=tuple(_deform(g, 0.35 * (1 - similarity), rng)
+                                    for g in script.glyphs),
+                       frequencies=freq / freq.sum())
+
+
 def render_line(style: WriterStyle, rng: np.random.Generator, height: int = 64) -> np.ndarray:
     """uint8 [height, W] line of random words in `style`, dark ink on light paper, W ~ 300-900."""
     s = height / REFERENCE_HEIGHT
@@ -227,14 +255,23 @@ def _check_args(out: Path, writers: int, pages_per_writer: int, lines_per_page: 
 
 def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10,
                    lines_per_page: int = 8, seed: int = 0, height: int = 64, flat: bool = False,
-                   mess: bool = False) -> Path:
-    """Write a synthetic data set to `out` (train/val/test, or writer folders when `flat`)."""
+                   mess: bool = False, similarity: float = 0.0) -> Path:
+    """Write a synthetic data set to `out` (train/val/test, or writer folders when `flat`).
+
+    similarity 0: every writer has letters of their own (easy); towards 1, all writers write
+    one shared script in ever more similar hands (harder, like real manuscripts).
+    """
     out = Path(out)
     _check_args(out, writers, pages_per_writer, lines_per_page, height)
+    if not 0.0 <= similarity < 1.0:
+        raise config.UsageError(f"--similarity must be in [0, 1), got {similarity}")
     names = writer_names(writers, mess)
+    script = random_style(_rng(seed, 2**32))
     first_page = first_pixels = None
     for w, name in enumerate(names):
         style = random_style(_rng(seed, w))
+        if similarity > 0:
+            style = shared_script_style(script, style, similarity, _rng(seed, w, 2**33))
         nested = mess and w % 3 == 0
         for p, page_dir in enumerate(_page_dirs(out / name, pages_per_writer, flat, nested)):
             page_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +282,7 @@ def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10
                     first_page, first_pixels = page_dir, pixels
     if mess:
         _add_mess(out / names[0] if flat else out / "train" / names[0], first_page, first_pixels)
-    logger.info("Wrote %d writers x %d pages x %d lines (%s%s) to %s", writers, pages_per_writer,
-                lines_per_page, "flat" if flat else "train/val/test", ", messy" if mess else "",
-                out)
+    logger.info("Wrote %d writers x %d pages x %d lines (%s%s, similarity %.2f) to %s", writers,
+                pages_per_writer, lines_per_page, "flat" if flat else "train/val/test",
+                ", messy" if mess else "", similarity, out)
     return out

@@ -132,3 +132,21 @@ def test_cli_runs_as_a_script(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert len(list(out.rglob("*.png"))) == 4 and "Wrote 2 writers" in run.stderr
+
+
+def test_similarity_makes_writers_share_one_script(tmp_path):
+    own = synthetic.random_style(np.random.default_rng(0))
+    script = synthetic.random_style(np.random.default_rng(1))
+    mixed = synthetic.shared_script_style(script, own, 0.9, np.random.default_rng(2))
+    assert mixed.pen == pytest.approx(0.1 * own.pen + 0.9 * script.pen)
+    assert mixed.slant == pytest.approx(0.1 * own.slant + 0.9 * script.slant)
+    assert mixed.frequencies.sum() == pytest.approx(1.0)
+    # the script's letters, each bent a little in this writer's hand
+    assert len(mixed.glyphs) == len(script.glyphs)
+    assert all(len(m.strokes) == len(g.strokes) for m, g in zip(mixed.glyphs, script.glyphs))
+    assert not np.allclose(mixed.glyphs[0].strokes[0], script.glyphs[0].strokes[0])
+    root = synthetic.make_synthetic(tmp_path / "alike", writers=2, pages_per_writer=4,
+                                    lines_per_page=1, similarity=0.75)
+    assert len(data_index.index_dataset(str(root)).splits["val"]) == 4
+    with pytest.raises(config.UsageError, match="similarity"):
+        synthetic.make_synthetic(tmp_path / "bad", writers=2, similarity=1.0)
