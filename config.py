@@ -16,6 +16,10 @@ from typing import Any, Sequence
 MODEL_CHOICES = ("small", "convnext", "vit")
 STUDY_DB_NAME = "optuna_study.db"
 DEFAULT_STUDY_NAME = "writer_id_search"
+# What a trial of the built-in objective measures (metrics.json keys and trial user attributes).
+METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
+               "val_page_cls_acc")
+TRIAL_RESULT_KEYS = (*METRIC_KEYS, "best_epoch", "epochs_run")
 
 
 class UsageError(ValueError):
@@ -51,9 +55,7 @@ class SearchConfig:
     @property
     def storage_url(self) -> str:
         """The study's storage URL: `--storage`, else SQLite inside the checkpoint folder."""
-        if self.storage:
-            return self.storage
-        return f"sqlite:///{Path(self.checkpoint_dir).resolve() / STUDY_DB_NAME}"
+        return self.storage or default_storage_url(self.checkpoint_dir)
 
     @property
     def image_cache_dir(self) -> Path:
@@ -69,6 +71,16 @@ class SearchConfig:
         """JSON-ready copy (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
+
+
+def default_storage_url(checkpoint_dir: str | os.PathLike) -> str:
+    """The SQLite file a search keeps inside its checkpoint folder."""
+    return f"sqlite:///{Path(checkpoint_dir).resolve() / STUDY_DB_NAME}"
+
+
+def trial_dir(checkpoint_dir: str | os.PathLike, number: int) -> Path:
+    """CHECKPOINT_DIR/trial_NNN for an Optuna trial number."""
+    return Path(checkpoint_dir) / f"trial_{int(number):03d}"
 
 
 def add_search_args(parser: argparse.ArgumentParser) -> None:

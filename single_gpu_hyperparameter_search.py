@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 import atomic
+import config
 import study as study_lib
 from config import SearchConfig, UsageError, add_search_args, config_from_args
 from stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
@@ -145,16 +146,11 @@ def make_objective(cfg: SearchConfig, stop: StopFlag, who: WorkerIdentity) -> Ob
 
 # ---------------------------------------------------------------- one trial
 
-def trial_dir_for(cfg: SearchConfig, number: int) -> Path:
-    """CHECKPOINT_DIR/trial_NNN for an Optuna trial number."""
-    return Path(cfg.checkpoint_dir) / f"trial_{number:03d}"
-
-
 def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
                   cfg: SearchConfig, stop: StopFlag | None = None
                   ) -> tuple[TrialState, str | None]:
     """Run a claimed trial and record its end in the study; returns (state, fail reason)."""
-    trial_dir = trial_dir_for(cfg, trial.number)
+    trial_dir = config.trial_dir(cfg.checkpoint_dir, trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     state, reason, value = TrialState.FAIL, None, None

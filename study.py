@@ -33,6 +33,7 @@ RETRYABLE_REASONS = frozenset({"interrupted", "worker_died", "crashed", "stale"}
 # stops being retried after this many attempts.
 MAX_ATTEMPTS = 3
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+BUILTIN_OBJECTIVE = "builtin:writer_identification"  # how stored settings name it
 
 
 class SettingsMismatch(UsageError):
@@ -114,7 +115,7 @@ def search_settings(cfg: SearchConfig, writers: Sequence[str] | None) -> dict[st
     """The settings that change what a trial's value means; rerunning with others is refused."""
     if not cfg.builtin_objective:
         return {"objective": cfg.objective, "direction": cfg.direction}
-    return {"objective": "builtin:writer_identification", "direction": cfg.direction,
+    return {"objective": BUILTIN_OBJECTIVE, "direction": cfg.direction,
             "data_root": cfg.data_root, "writers": list(writers or []),
             "img_height": cfg.img_height, "img_width": cfg.img_width, "epochs": cfg.epochs,
             "models": list(cfg.models),

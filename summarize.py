@@ -31,13 +31,11 @@ import atomic
 import locks
 import study as study_lib
 import summary_plots as plots
-from config import DEFAULT_STUDY_NAME, STUDY_DB_NAME, UsageError
+from config import (DEFAULT_STUDY_NAME, STUDY_DB_NAME, TRIAL_RESULT_KEYS, UsageError,
+                    default_storage_url, trial_dir)
 
 logger = logging.getLogger("summarize")
 
-BUILTIN_OBJECTIVE = "builtin:writer_identification"
-KEY_METRICS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
-               "val_page_cls_acc", "best_epoch", "epochs_run")
 # User attributes that say where and how a trial ran, kept in all_trials.csv after the metrics.
 RUN_ATTRS = ("worker", "attempt", "resumed_from", "fail_reason")
 # Bookkeeping that identifies a process, not a trial's result: left out of tables and metrics.
@@ -68,7 +66,7 @@ class Snapshot:
 
 def resolve_storage_url(checkpoint_dir: Path, storage: str | None) -> str:
     """`--storage`, else the SQLite file the search writes inside the checkpoint folder."""
-    return storage or f"sqlite:///{checkpoint_dir.resolve() / STUDY_DB_NAME}"
+    return storage or default_storage_url(checkpoint_dir)
 
 
 def _check_storage_exists(url: str) -> None:
@@ -122,14 +120,14 @@ def take_snapshot(study: optuna.Study, url: str) -> Snapshot:
 
 def trial_metrics(t: FrozenTrial, checkpoint_dir: Path) -> dict[str, Any]:
     """The trial's key metrics: its user attributes, else its folder's metrics.json."""
-    metrics = {k: t.user_attrs[k] for k in KEY_METRICS if k in t.user_attrs}
-    if len(metrics) < len(KEY_METRICS):
-        path = checkpoint_dir / f"trial_{t.number:03d}" / "metrics.json"
+    metrics = {k: t.user_attrs[k] for k in TRIAL_RESULT_KEYS if k in t.user_attrs}
+    if len(metrics) < len(TRIAL_RESULT_KEYS):
+        path = trial_dir(checkpoint_dir, t.number) / "metrics.json"
         with contextlib.suppress(OSError, ValueError):
             stored = json.loads(path.read_text())
-            metrics.update({k: stored[k] for k in KEY_METRICS if k in stored and k not in metrics})
+            metrics.update({k: stored[k] for k in TRIAL_RESULT_KEYS if k in stored and k not in metrics})
     # A custom objective's own scalar attributes are its metrics.
-    skip = set(KEY_METRICS) | set(RUN_ATTRS) | set(PROCESS_ATTRS)
+    skip = set(TRIAL_RESULT_KEYS) | set(RUN_ATTRS) | set(PROCESS_ATTRS)
     metrics.update({k: v for k, v in t.user_attrs.items()
                     if k not in skip and isinstance(v, (int, float, str, bool))})
     return metrics
@@ -206,11 +204,11 @@ class BestOutcome:
     retired: Path | None = None  # the previous best_overall/, deleted once the summary is done
 
 
-def best_config(best: FrozenTrial, snap: Snapshot, trial_dir: Path) -> dict[str, Any]:
+def best_config(best: FrozenTrial, snap: Snapshot, folder: Path) -> dict[str, Any]:
     """The trial's own config.json (if any) plus what names it: trial number, value, params."""
     config: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
-        config = dict(json.loads((trial_dir / "config.json").read_text()))
+        config = dict(json.loads((folder / "config.json").read_text()))
     config.update({"trial_number": best.number, "value": best.value, "params": best.params,
                    "direction": snap.direction, "study_name": snap.study_name})
     return config
@@ -228,14 +226,14 @@ def names_best(best_dir: Path, best: FrozenTrial, snap: Snapshot) -> bool:
 
 def stage_best(staging: Path, best: FrozenTrial, snap: Snapshot, checkpoint_dir: Path) -> bool:
     """Fill `staging` with the best trial's files; True when it holds a model checkpoint."""
-    trial_dir = checkpoint_dir / f"trial_{best.number:03d}"
+    source = trial_dir(checkpoint_dir, best.number)
     staging.mkdir(parents=True)
-    model = trial_dir / "best_model.pth"
+    model = source / "best_model.pth"
     if model.is_file():
         atomic.copy_durably(model, staging / "best_model.pth")
-    atomic.write_json(staging / "config.json", best_config(best, snap, trial_dir))
+    atomic.write_json(staging / "config.json", best_config(best, snap, source))
     try:
-        metrics = json.loads((trial_dir / "metrics.json").read_text())
+        metrics = json.loads((source / "metrics.json").read_text())
     except (OSError, ValueError):
         metrics = {"value": best.value, **trial_metrics(best, checkpoint_dir)}
     atomic.write_json(staging / "metrics.json", metrics)
@@ -299,7 +297,7 @@ def _test_note(has_model: bool, test_dir: Path | None, tested: dict | None) -> s
 
 def held_out_split(settings: dict[str, Any]) -> Path | None:
     """DATA_ROOT/test when the built-in objective ran and the data set has one (pure-ish)."""
-    if settings.get("objective") != BUILTIN_OBJECTIVE or not settings.get("data_root"):
+    if settings.get("objective") != study_lib.BUILTIN_OBJECTIVE or not settings.get("data_root"):
         return None
     test_dir = Path(settings["data_root"]) / "test"
     return test_dir if test_dir.is_dir() else None

@@ -23,12 +23,11 @@ from torch.utils.data import DataLoader
 import atomic
 import losses
 import metrics
+from config import METRIC_KEYS
 from dataset import WriterBalancedSampler
 from model import WriterNet, checkpoint_payload
 
 logger = logging.getLogger(__name__)
-METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
-               "val_page_cls_acc")
 MIXUP_MIN_ALPHA = 0.05      # below this Beta(a, a) is almost always 0 or 1: treat as no mixup
 PROGRESS_EVERY_S = 60.0     # log within an epoch at most this often
 

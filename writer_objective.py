@@ -17,13 +17,14 @@ import optuna
 import torch
 
 import atomic
+import config
 import data_index
 import dataset
 import model as model_lib
-from config import SearchConfig, UsageError
+from config import TRIAL_RESULT_KEYS, SearchConfig, UsageError
 from search_space import suggest_hparams
 from stopping import StopFlag, StopRequested
-from train import METRIC_KEYS, Trainer, TrainConfig
+from train import Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class WriterObjective:
         """For a rerun of an interrupted trial: its last.pth, best model and reported curve."""
         if resumed_from is None:
             return None
-        old_dir = Path(self.cfg.checkpoint_dir) / f"trial_{int(resumed_from):03d}"
+        old_dir = config.trial_dir(self.cfg.checkpoint_dir, resumed_from)
         old = trial.study.get_trials(deepcopy=False)[int(resumed_from)]
         for step, value in sorted(old.intermediate_values.items()):
             trial.report(value, step)
@@ -195,7 +196,7 @@ class WriterObjective:
         """Final metrics.json, the metrics as user attributes, the training-curve plot."""
         result = trainer.result(status)
         atomic.write_json(trial_dir / "metrics.json", result)
-        for key in (*METRIC_KEYS, "best_epoch", "epochs_run"):
+        for key in TRIAL_RESULT_KEYS:
             value = result[key]
             trial.set_user_attr(key, None if value != value else value)
         trainer.write_plot()

@@ -19,6 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 import atomic
+import study as study_lib
 import summarize
 import summary_plots
 
@@ -261,7 +262,7 @@ def test_second_summary_waits_for_the_first(tmp_path):
 
 # ---------------------------------------------------------------- test split
 
-BUILTIN = {"objective": summarize.BUILTIN_OBJECTIVE, "direction": "maximize"}
+BUILTIN = {"objective": study_lib.BUILTIN_OBJECTIVE, "direction": "maximize"}
 
 
 def _builtin_study(tmp_path: Path) -> tuple[Path, optuna.Study]:
