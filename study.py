@@ -177,15 +177,20 @@ def count_trials(trials: Sequence[FrozenTrial], direction: str = "maximize") -> 
     by_state = {s: 0 for s in TrialState}
     for t in trials:
         by_state[t.state] += 1
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = None
-    if done:
-        pick = max if direction == "maximize" else min
-        best = pick(done, key=lambda t: t.value)
+    best = best_complete(trials, direction)
     return Counts(complete=by_state[TrialState.COMPLETE], pruned=by_state[TrialState.PRUNED],
                   failed=by_state[TrialState.FAIL], running=by_state[TrialState.RUNNING],
                   waiting=by_state[TrialState.WAITING],
                   best_value=best.value if best else None, best_number=best.number if best else None)
+
+
+def best_complete(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The best COMPLETE trial (lowest number on ties), or None (pure)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not done:
+        return None
+    sign = -1 if direction == "maximize" else 1
+    return min(done, key=lambda t: (sign * t.value, t.number))
 
 
 def budget_left(counts: Counts, n_trials: int) -> int:

@@ -250,7 +250,7 @@ def _remove_leftovers(checkpoint_dir: Path) -> None:
 def update_best_overall(snap: Snapshot, checkpoint_dir: Path) -> BestOutcome:
     """Copy the best COMPLETE trial into best_overall/ (atomic swap) if it changed."""
     target = checkpoint_dir / "best_overall"
-    best = plots.best_complete(snap.trials, snap.direction)
+    best = study_lib.best_complete(snap.trials, snap.direction)
     if best is None:
         state = "left as it was" if target.exists() else "not created"
         return BestOutcome(f"best_overall/ {state}: no trial has completed yet.")
@@ -370,7 +370,7 @@ def _fail_reasons(trials: Sequence[FrozenTrial]) -> list[str]:
 
 
 def _best_section(snap: Snapshot, outcome: BestOutcome, checkpoint_dir: Path) -> list[str]:
-    best = plots.best_complete(snap.trials, snap.direction)
+    best = study_lib.best_complete(snap.trials, snap.direction)
     lines = ["## Best trial", ""]
     if best is None:
         return lines + [f"No completed trial yet. {outcome.message}"]

@@ -20,6 +20,7 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 import atomic
+import study as study_lib
 
 logger = logging.getLogger(__name__)
 
@@ -111,22 +112,13 @@ def rank_key(t: FrozenTrial, direction: str) -> tuple:
     return (STATE_ORDER[t.state], 0, -value if direction == "maximize" else value, t.number)
 
 
-def best_complete(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best COMPLETE trial (lowest number on ties), or None."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if not done:
-        return None
-    sign = -1 if direction == "maximize" else 1
-    return min(done, key=lambda t: (sign * t.value, t.number))
-
-
 def plot_all_trials(trials: Sequence[FrozenTrial], direction: str, metric: str, title: str,
                     path: Path) -> None:
     """Left: every trial's value, best first, by state. Right: all validation curves."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(17, 6.5))
     _values_panel(left, trials, direction, metric)
-    _curves_panel(right, trials, best_complete(trials, direction), metric)
+    _curves_panel(right, trials, study_lib.best_complete(trials, direction), metric)
     fig.suptitle(title, fontsize=15)
     fig.tight_layout()
     _save(fig, path)
@@ -241,7 +233,7 @@ def plot_hyperparameters(trials: Sequence[FrozenTrial], direction: str, metric: 
     nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows + 1.1),
                              squeeze=False)
-    best = best_complete(finished, direction)
+    best = study_lib.best_complete(finished, direction)
     for i, (ax, name) in enumerate(zip(axes.flat, names)):
         _param_panel(ax, name, finished, best)
         ax.set_ylabel(metric if i % ncols == 0 else "")

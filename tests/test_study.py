@@ -136,3 +136,11 @@ def test_sampler_seed_differs_per_worker_and_per_start():
     seeds = {study_lib.sampler_seed(42, rank, n) for rank in range(4) for n in (0, 5)}
     assert len(seeds) == 8
     assert study_lib.sampler_seed(42, 1, 0) == study_lib.sampler_seed(42, 1, 0)
+
+
+def test_best_complete_breaks_ties_by_the_lower_trial_number():
+    trials = [_frozen(3, TrialState.COMPLETE, value=0.9), _frozen(1, TrialState.COMPLETE, value=0.9),
+              _frozen(2, TrialState.PRUNED), _frozen(0, TrialState.COMPLETE, value=0.1)]
+    assert study_lib.best_complete(trials, "maximize").number == 1
+    assert study_lib.best_complete(trials, "minimize").number == 0
+    assert study_lib.best_complete(trials[2:3], "maximize") is None
