@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,13 +113,19 @@ def exchange_paths(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def process_tag() -> str:
+    """'host-pid': names this process's scratch files uniquely even when the processes of
+    several nodes share a folder."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def swap_in_folder(new: Path, target: Path) -> Path | None:
     """Make `new` become `target` so that a reader sees the old or the new folder, never none;
     returns where the old folder now lies, for the caller to delete a little later."""
     if not target.exists():
         os.rename(new, target)
         return None
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    retired = target.with_name(f".{target.name}.old-{process_tag()}")
     shutil.rmtree(retired, ignore_errors=True)
     if exchange_paths(new, target):
         os.rename(new, retired)  # `new` names the old folder now

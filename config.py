@@ -16,6 +16,8 @@ from typing import Any, Sequence
 MODEL_CHOICES = ("small", "convnext", "vit")
 STUDY_DB_NAME = "optuna_study.db"
 DEFAULT_STUDY_NAME = "writer_id_search"
+# Below this, a heartbeat delayed by a busy database could make a live trial look dead.
+MIN_HEARTBEAT_GRACE_S = 5
 # What a trial of the built-in objective measures (metrics.json keys and trial user attributes).
 METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
                "val_page_cls_acc")
@@ -51,6 +53,7 @@ class SearchConfig:
     objective: str | None = None
     direction: str = "maximize"
     cache_dir: str | None = None
+    heartbeat_grace: int = 90
 
     @property
     def storage_url(self) -> str:
@@ -127,6 +130,9 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
       help=f"optimisation direction (default: {d.direction})")
     a("--cache_dir", default=None, help="folder for the preprocessed-image cache (default: "
       "CHECKPOINT_DIR/cache)")
+    a("--heartbeat_grace", type=int, default=d.heartbeat_grace, help="seconds without a heartbeat "
+      "after which a trial of another host counts as dead and runs again; the same for every "
+      "launcher of a study (default: %d)" % d.heartbeat_grace)
 
 
 _OBJECTIVE_RE = re.compile(r"^(?:.+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*$")
@@ -166,6 +172,8 @@ def config_from_args(ns: argparse.Namespace) -> SearchConfig:
     if ns.data_root is not None and ns.objective is None:
         _check(os.path.isdir(ns.data_root), f"--data_root {ns.data_root!r} is not a folder")
     _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
+    _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
+           f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
     return SearchConfig(
         data_root=str(Path(ns.data_root).resolve()) if ns.data_root else None,
         checkpoint_dir=str(Path(ns.checkpoint_dir).resolve()),
@@ -176,7 +184,8 @@ def config_from_args(ns: argparse.Namespace) -> SearchConfig:
         max_val_pages_per_writer=ns.max_val_pages_per_writer,
         lines_per_writer=ns.lines_per_writer, storage=ns.storage, study_name=ns.study_name,
         objective=ns.objective, direction=ns.direction,
-        cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None)
+        cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None,
+        heartbeat_grace=ns.heartbeat_grace)
 
 
 def config_to_argv(cfg: SearchConfig) -> list[str]:
@@ -190,7 +199,7 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
         argv += ["--num_writers_subset", str(cfg.num_writers_subset)]
     for flag in ("epochs", "patience", "batch_size", "img_height", "img_width", "seed",
                  "num_workers", "max_val_pages_per_writer", "lines_per_writer", "study_name",
-                 "direction"):
+                 "direction", "heartbeat_grace"):
         argv += [f"--{flag}", str(getattr(cfg, flag))]
     argv += ["--models", ",".join(cfg.models)]
     if cfg.no_pretrained:

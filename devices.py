@@ -108,7 +108,7 @@ def loader_processes(requested: int, threads: int) -> int:
 
 
 def worker_env(base: Mapping[str, str], slot: WorkerSlot, n_workers: int, parent_pid: int,
-               threads: int) -> dict[str, str]:
+               threads: int, run: str = "") -> dict[str, str]:
     """The environment of one worker: a new dict from `base` with pinning and identity set."""
     env = dict(base)
     env["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
@@ -120,6 +120,7 @@ def worker_env(base: Mapping[str, str], slot: WorkerSlot, n_workers: int, parent
         "PARALLEL_SEARCH_MANAGED": "1",
         "PARALLEL_SEARCH_PARENT_PID": str(parent_pid),
         "PARALLEL_SEARCH_CPU_THREADS": str(threads),
+        "PARALLEL_SEARCH_RUN": run,
         "PYTHONUNBUFFERED": "1",
     })
     return env

@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import devices
+import ownership
 import progress
 from config import SearchConfig, UsageError, add_search_args, config_from_args, config_to_argv
 from workers import Controller, Exit, Interrupts, Worker, run_child
@@ -43,6 +45,8 @@ WORKER_SCRIPT = HERE / "single_gpu_hyperparameter_search.py"
 SUMMARY_SCRIPT = HERE / "summarize.py"
 DATASET_SCRIPT = HERE / "dataset.py"
 POLL_S = 0.2
+# How often a launcher whose workers are done looks at the study for other launchers' trials.
+WAIT_POLL_S = 2.0
 TTY_REFRESH_S = 1.5
 LOG_EVERY_S = 30.0
 RULE = "=" * 80
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workers_per_gpu", type=int, default=1, help="workers sharing each GPU (default: 1)")
     a("--stop_timeout", type=float, default=60.0, help="seconds workers get to stop after Ctrl+C "
       "or SIGTERM before they are killed (default: 60)")
+    a("--no_wait", action="store_true", help="when this launcher's workers find no budget left "
+      "while other launchers' trials still run, exit 0 and leave the rest to them (default: wait "
+      "for them, and take over trials whose launcher dies)")
     a("--no_summary", action="store_true", help="skip the summary step at the end (default: run "
       "summarize.py)")
     a("--demo", action="store_true", help="generate a small synthetic data set (if missing) and "
@@ -108,13 +115,32 @@ def describe_exit(returncode: int) -> str:
 
 
 def final_exit_code(finished: int, n_trials: int, usage_error: bool,
-                    stop_signal: int | None) -> int:
-    """2 for a usage error, 128+signal after a stop, else 0 iff the budget was reached (pure)."""
+                    stop_signal: int | None, left_to_others: bool = False) -> int:
+    """2 for a usage error, 128+signal after a stop, else 0 when the budget was reached or the
+    rest was left to other launchers (--no_wait), 1 when the search cannot get there (pure)."""
     if usage_error:
         return 2
     if stop_signal is not None:
         return 128 + stop_signal
-    return 0 if finished >= n_trials else 1
+    return 0 if finished >= n_trials or left_to_others else 1
+
+
+def after_workers(finished: int, running: int, n_trials: int, restartable: int,
+                  no_wait: bool) -> str:
+    """What a launcher whose workers have all ended does next (pure). `running` trials are other
+    launchers' (ours have ended); `restartable` workers ended only for want of budget.
+
+    'finished': the study holds n_trials; 'restart': budget opened again (a trial elsewhere failed
+    or its launcher died) and we have workers to take it; 'wait' / 'leave' (--no_wait): other
+    launchers' trials still run; 'stuck': nothing runs anywhere and we cannot start a trial.
+    """
+    if finished >= n_trials:
+        return "finished"
+    if n_trials - finished - running > 0 and restartable:
+        return "restart"
+    if running == 0:
+        return "stuck"
+    return "leave" if no_wait else "wait"
 
 
 def trials_per_worker(to_run: int, n_workers: int) -> str:
@@ -129,15 +155,23 @@ def worker_argv(cfg: SearchConfig, loaders: int, python: str = sys.executable) -
             *config_to_argv(dataclasses.replace(cfg, num_workers=loaders))]
 
 
+def log_name(role: str, host: str, stamp: str) -> str:
+    """'worker_gpu0_node1_20261128_101500.log': the host keeps the logs of several nodes that
+    share a checkpoint folder apart (pure)."""
+    return f"{role}_{ownership.safe_host(host)}_{stamp}.log"
+
+
 def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp: str,
-                  environ: Mapping[str, str], parent_pid: int, n_cores: int) -> list[Worker]:
+                  environ: Mapping[str, str], parent_pid: int, n_cores: int, host: str,
+                  run: str) -> list[Worker]:
     """One Worker (argv, env, log file) per slot; no side effects."""
     threads = devices.threads_per_worker(n_cores, len(slots))
     argv = worker_argv(cfg, devices.loader_processes(cfg.num_workers, threads))
     log_dir = Path(cfg.checkpoint_dir) / "logs"
     return [Worker(slot=slot, argv=list(argv),
-                   env=devices.worker_env(environ, slot, len(slots), parent_pid, threads),
-                   log_path=log_dir / f"worker_{slot.label}_{stamp}.log") for slot in slots]
+                   env=devices.worker_env(environ, slot, len(slots), parent_pid, threads, run),
+                   log_path=log_dir / log_name(f"worker_{slot.label}", host, stamp))
+            for slot in slots]
 
 
 # ---------------------------------------------------------------- signals and helper processes
@@ -200,10 +234,11 @@ def ensure_demo_data(ns: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- output
 
-def setup_logging(log_path: Path) -> progress.StatusLine:
-    """Launcher messages to the terminal (around the status line) and to the launcher log."""
+def setup_logging(log_path: Path, host: str) -> progress.StatusLine:
+    """Launcher messages to the terminal (around the status line) and to the launcher log; each
+    line names the host, so the logs of several nodes can be told apart."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s [launcher] %(levelname)s: %(message)s")
+    fmt = logging.Formatter(f"%(asctime)s [launcher@{host}] %(levelname)s: %(message)s")
     to_file = logging.FileHandler(log_path)
     to_file.setFormatter(fmt)
     tty = sys.stdout.isatty()
@@ -231,7 +266,7 @@ def say(status: progress.StatusLine, text: str) -> None:
 
 
 def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_per_gpu: int,
-                counts: study_lib.Counts, threads: int) -> str:
+                counts: study_lib.Counts, threads: int, host: str = "") -> str:
     """The banner's first part: devices, trials, folders (pure)."""
     to_run = max(0, cfg.n_trials - counts.finished)
     gpus = list(dict.fromkeys(s.device for s in slots if s.device is not None))
@@ -247,17 +282,22 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
         f"Checkpoint dir: {cfg.checkpoint_dir}",
         f"Data root: {cfg.data_root or '(not used by this objective)'}",
         f"Objective: {cfg.objective or 'built-in writer identification'} ({cfg.direction})",
-        f"Study: {cfg.study_name} in {cfg.storage_url}", RULE])
+        f"Study: {cfg.study_name} in {cfg.storage_url}",
+        f"Host: {host or socket.gethostname()} (other launchers may share the study and its "
+        "budget)",
+        RULE])
 
 
 def banner_tail(workers: Sequence[Worker], cfg: SearchConfig, launcher_log: Path) -> str:
     """The banner's second part: each worker's PID and log, and where to monitor (pure)."""
+    import storage as storage_lib
+
     lines = [f"Started worker on {w.slot.describe()}: PID {w.pid}, log {w.log_path}"
              for w in workers]
     log_glob = shlex.quote(str(Path(cfg.checkpoint_dir) / "logs")) + "/worker_*.log"
     lines += ["", "Monitor:", f"  tail -f {log_glob}",
               f"  launcher log: {launcher_log}",
-              f"  optuna-dashboard {shlex.quote(cfg.storage_url)}",
+              f"  {storage_lib.dashboard_command(cfg.storage_url)}",
               "Ctrl+C once stops gracefully (rerun the same command to resume); twice kills.", RULE]
     return "\n".join(lines)
 
@@ -274,38 +314,98 @@ class Launch:
     argv: tuple[str, ...]  # the user's flags, for the resume hint
     environ: Mapping[str, str]  # the environment the launcher was started with
     stamp: str  # YYYYmmdd_HHMMSS of this run's log files
+    host: ownership.Host
+    run: str  # this launcher run's identity, recorded in every trial its workers start
+
+    @property
+    def launcher_log(self) -> Path:
+        return Path(self.cfg.checkpoint_dir) / "logs" / log_name("launcher", self.host.name,
+                                                                 self.stamp)
 
 
 @dataclasses.dataclass
 class Run:
     """What the launcher tracks while its workers run."""
 
-    cfg: SearchConfig
+    job: Launch
     study: optuna.Study
     ctl: Controller
     interrupts: Interrupts
     status: progress.StatusLine
-    stop_timeout: float
     finished_at_start: int
     started: float = dataclasses.field(default_factory=time.monotonic)
     stop_signal: int | None = None
     usage_error: bool = False
     signals_seen: int = 0
     next_refresh: float = 0.0
+    next_check: float = 0.0
+    done: list[Worker] = dataclasses.field(default_factory=list)  # ended for want of budget
+    waiting_for: int | None = None  # other launchers' trials this launcher waits for
+    left_to_others: int = 0  # trials still running elsewhere when this launcher left (--no_wait)
+
+    @property
+    def cfg(self) -> SearchConfig:
+        return self.job.cfg
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.job.ns.stop_timeout
 
 
 def supervise(run: Run) -> None:
-    """Poll the workers until every one has ended: restart the dead, stop on signals."""
+    """Poll the workers: restart the dead, stop on signals; once all have ended, wait for other
+    launchers' trials (restarting ours if the budget opens again) unless --no_wait."""
     refresh_s = TTY_REFRESH_S if run.status.tty else LOG_EVERY_S
-    while run.ctl.active():
+    while True:
         if run.interrupts.count > run.signals_seen:
             on_signal(run)
         for ended in run.ctl.poll():
             on_exit(run, ended)
+        if not run.ctl.active() and not keep_going(run):
+            return
         if time.monotonic() >= run.next_refresh:
             refresh_status(run)
             run.next_refresh = time.monotonic() + refresh_s
         time.sleep(POLL_S)
+
+
+def keep_going(run: Run) -> bool:
+    """Our workers have all ended: look at the study (at most every WAIT_POLL_S) and decide."""
+    import study as study_lib
+
+    if run.stop_signal is not None or run.usage_error:
+        return False
+    if time.monotonic() < run.next_check:
+        return True
+    run.next_check = time.monotonic() + WAIT_POLL_S
+    study_lib.recover_dead_trials(run.study, run.job.host, run.cfg.heartbeat_grace)
+    counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
+    step = after_workers(counts.finished, counts.running, run.cfg.n_trials, len(run.done),
+                         run.job.ns.no_wait)
+    if step == "restart":
+        restart_done_workers(run, study_lib.budget_left(counts, run.cfg.n_trials))
+    elif step == "wait":
+        if run.waiting_for is None:
+            logger.info("This launcher's workers are done; waiting for %d trial(s) of other "
+                        "launchers (their trials run again here if their launcher dies; "
+                        "--no_wait leaves them instead)", counts.running)
+        run.waiting_for = counts.running
+        return True
+    elif step == "leave":
+        run.left_to_others = counts.running
+    elif step == "stuck":
+        logger.error("No trial runs anywhere and this launcher has no worker left to start one")
+    run.waiting_for = None
+    return step == "restart"
+
+
+def restart_done_workers(run: Run, budget: int) -> None:
+    """Start again (at most `budget` of) the workers that had ended for want of budget."""
+    for worker in run.done[:budget]:
+        logger.info("Budget open again (%d trial(s)): restarting worker %s", budget,
+                    worker.slot.label)
+        run.ctl.start(worker)
+    del run.done[:budget]
 
 
 def on_signal(run: Run) -> None:
@@ -330,6 +430,8 @@ def on_exit(run: Run, ended: Exit) -> None:
 
     w, code, kind = ended.worker, ended.returncode, classify_exit(ended.returncode)
     stopping = run.stop_signal is not None or run.usage_error
+    if kind == "done" and not stopping:
+        run.done.append(w)
     if stopping or kind == "done":
         logger.info("Worker %s (pid %d) ended: %s", w.slot.label, ended.pid, describe_exit(code))
     elif kind == "usage":
@@ -345,7 +447,7 @@ def on_exit(run: Run, ended: Exit) -> None:
                        describe_exit(code), w.log_path)
     if code != 0:  # a worker that did not end cleanly may have left its trial RUNNING
         reason = "interrupted" if stopping else "worker_died"
-        failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid)
+        failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid, run=run.job.run)
         if failed:
             logger.warning("Trial(s) %s of worker %s marked failed (%s): they run again",
                            failed, w.slot.label, reason)
@@ -363,7 +465,10 @@ def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
     counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
     elapsed = time.monotonic() - run.started
     eta = progress.eta_s(counts.finished, run.finished_at_start, run.cfg.n_trials, elapsed)
-    run.status.update(progress.status_line(counts, run.cfg.n_trials, elapsed, eta), force_log)
+    line = progress.status_line(counts, run.cfg.n_trials, elapsed, eta)
+    if run.waiting_for is not None:
+        line += f" | waiting for {run.waiting_for} trial(s) of other launchers"
+    run.status.update(line, force_log)
     return counts
 
 
@@ -372,11 +477,15 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     counts = refresh_status(run, force_log=True)
     run.status.close()
     n = run.cfg.n_trials
-    code = final_exit_code(counts.finished, n, run.usage_error, run.stop_signal)
+    code = final_exit_code(counts.finished, n, run.usage_error, run.stop_signal,
+                           left_to_others=run.left_to_others > 0)
     best = (f"best value {counts.best_value:.6g} (trial {counts.best_number})"
             if counts.best_value is not None else "no completed trial yet")
     lines = [RULE, f"{counts.finished}/{n} trials finished ({counts.complete} complete, "
              f"{counts.pruned} pruned; {counts.failed} failed runs); {best}"]
+    if code == 0 and counts.finished < n:
+        lines.append(f"{run.left_to_others} trial(s) still run on other launchers: they finish "
+                     "the search (--no_wait)")
     if code == 2:
         lines.append("Search stopped (exit code 2): a worker refused its arguments; fix them (see "
                      "its log) and rerun")
@@ -408,38 +517,35 @@ def limit_own_threads() -> None:
 
 
 def launch(job: Launch) -> int:
-    """Lock, prepare once, recover orphans, run the workers, report, summarize."""
+    """Prepare once, recover dead trials, run the workers, report, summarize.
+
+    Other launchers may use the same study at the same time (other nodes, a requeued job, more
+    GPUs): this one fails only trials that are provably dead, never a live one of theirs.
+    """
     limit_own_threads()
+    import storage as storage_lib
     import study as study_lib
 
-    status = setup_logging(Path(job.cfg.checkpoint_dir) / "logs" / f"launcher_{job.stamp}.log")
+    status = setup_logging(job.launcher_log, job.host.name)
     interrupts = Interrupts()
     interrupts.install()
-    lock = study_lib.ExclusiveLock(job.cfg.checkpoint_dir)
-    exclusive = lock.acquire()
-    if not exclusive:
-        logger.warning("%s also runs a search in %s: trials it leaves RUNNING are recovered "
-                       "through Optuna's heartbeat, not now", lock.holder(), job.cfg.checkpoint_dir)
-    try:
-        code = prepare(job.cfg, job.environ, interrupts)
-        if code != 0:
-            return code
-        study = study_lib.open_study(job.cfg, create=False)
-        if exclusive:
-            orphans = study_lib.fail_running_trials(study, "crashed")
-            if orphans:
-                logger.warning("Trials %s were left RUNNING by a run that crashed: they run "
-                               "again first", orphans)
-        code = run_workers(job, study, interrupts, status, exclusive)
-    finally:
-        lock.release()
+    logger.info("Launcher run %s", job.run)
+    warning = storage_lib.network_filesystem_warning(job.cfg.storage_url, storage_lib.read_mounts())
+    if warning:
+        logger.warning("%s", warning)
+    code = prepare(job.cfg, job.environ, interrupts)
+    if code != 0:
+        return code
+    study = study_lib.open_study(job.cfg, create=False)
+    study_lib.recover_dead_trials(study, job.host, job.cfg.heartbeat_grace)
+    code = run_workers(job, study, interrupts, status)
     if not job.ns.no_summary:
         summarize(job.cfg, job.environ, interrupts)
     return code
 
 
 def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
-                status: progress.StatusLine, exclusive: bool) -> int:
+                status: progress.StatusLine) -> int:
     """Start the workers (unless the budget is already reached), supervise them, report."""
     import study as study_lib
 
@@ -451,11 +557,12 @@ def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
     if interrupts.count:
         return 128 + interrupts.signum
     ctl = start_workers(job, status, counts)
-    run = Run(cfg=job.cfg, study=study, ctl=ctl, interrupts=interrupts, status=status,
-              stop_timeout=job.ns.stop_timeout, finished_at_start=counts.finished)
+    run = Run(job=job, study=study, ctl=ctl, interrupts=interrupts, status=status,
+              finished_at_start=counts.finished)
     supervise(run)
-    if exclusive:  # every worker of ours has ended and no one else uses the study
-        study_lib.fail_running_trials(study, "interrupted" if run.stop_signal else "worker_died")
+    # Every worker of ours has ended: a trial of this run still RUNNING has no one behind it.
+    study_lib.fail_running_trials(study, "interrupted" if run.stop_signal else "worker_died",
+                                  run=job.run)
     return final_report(run, job.argv)
 
 
@@ -463,13 +570,13 @@ def start_workers(job: Launch, status: progress.StatusLine,
                   counts: study_lib.Counts) -> Controller:
     """Print the banner and start one worker per slot."""
     n_cores = len(os.sched_getaffinity(0))
-    workers = build_workers(job.cfg, job.slots, job.stamp, job.environ, os.getpid(), n_cores)
+    workers = build_workers(job.cfg, job.slots, job.stamp, job.environ, os.getpid(), n_cores,
+                            job.host.name, job.run)
     say(status, banner_head(job.cfg, job.slots, job.ns.workers_per_gpu, counts,
-                            devices.threads_per_worker(n_cores, len(job.slots))))
+                            devices.threads_per_worker(n_cores, len(job.slots)), job.host.name))
     ctl = Controller(workers)
     ctl.start_all()
-    say(status, banner_tail(workers, job.cfg, Path(job.cfg.checkpoint_dir) / "logs" /
-                            f"launcher_{job.stamp}.log"))
+    say(status, banner_tail(workers, job.cfg, job.launcher_log))
     return ctl
 
 
@@ -491,8 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl+C while the demo data is generated: nothing started yet
         return 128 + signal.SIGINT
+    host = ownership.Host.current()
     return launch(Launch(cfg=cfg, ns=ns, slots=tuple(slots), argv=tuple(argv),
-                         environ=dict(os.environ), stamp=time.strftime("%Y%m%d_%H%M%S")))
+                         environ=dict(os.environ), stamp=time.strftime("%Y%m%d_%H%M%S"),
+                         host=host, run=ownership.run_id(host)))
 
 
 if __name__ == "__main__":

@@ -17,17 +17,20 @@ import importlib.util
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
 import atomic
 import config
+import ownership
+import storage as storage_lib
 import study as study_lib
 from config import SearchConfig, UsageError, add_search_args, config_from_args
 from stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
@@ -50,6 +53,7 @@ class WorkerIdentity:
     managed: bool = False
     parent_pid: int | None = None
     cpu_threads: int | None = None
+    run: str = ""  # the launcher run this worker belongs to (its own identity when stand-alone)
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> "WorkerIdentity":
@@ -62,7 +66,8 @@ class WorkerIdentity:
                    n_workers=_int("PARALLEL_SEARCH_N_WORKERS") or 1,
                    managed=env.get("PARALLEL_SEARCH_MANAGED") == "1",
                    parent_pid=_int("PARALLEL_SEARCH_PARENT_PID"),
-                   cpu_threads=_int("PARALLEL_SEARCH_CPU_THREADS"))
+                   cpu_threads=_int("PARALLEL_SEARCH_CPU_THREADS"),
+                   run=env.get("PARALLEL_SEARCH_RUN", ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +126,7 @@ def prepare(cfg: SearchConfig, who: WorkerIdentity) -> Prepared:
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
     study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers),
                                       cfg.storage_url)
+    study_lib.check_or_store_heartbeat(study, cfg.heartbeat_grace)
     if cfg.builtin_objective:
         writer_objective.build_cache(cfg)
     return Prepared(study=study, writers=writers)
@@ -154,7 +160,7 @@ def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective
     trial_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     state, reason, value = TrialState.FAIL, None, None
-    with study_lib.Heartbeat(study, trial):
+    with study_lib.Heartbeat(study, trial, storage_lib.heartbeat_interval_s(cfg.heartbeat_grace)):
         try:
             value = objective(trial, trial_dir)
             if value is None or not math.isfinite(float(value)):
@@ -205,15 +211,19 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
                who: WorkerIdentity) -> int:
     """Claim and run trials until the budget is reached or a stop is asked for; an exit code."""
     failures_in_row = 0
+    host = ownership.Host.current()
+    # The checkpoint folder too: with one folder per node, the summary finds the trial's files.
+    owner = {**ownership.owner_attrs(host, who.run or ownership.run_id(host), who.label),
+             "checkpoint_dir": cfg.checkpoint_dir}
     while not stop.requested:
         try:
-            trial = study_lib.claim_trial(study, cfg.n_trials, cfg.checkpoint_dir, who.label)
+            trial = study_lib.claim_trial(study, cfg, owner)
         except StopRequested:
             break
         if trial is None:
             counts = study_lib.count_trials(study.get_trials(deepcopy=False), cfg.direction)
-            logger.info("No budget left to start a trial (%d/%d finished, %d running): done",
-                        counts.finished, cfg.n_trials, counts.running)
+            logger.info("No budget left to start a trial (%d/%d finished, %d running here or on "
+                        "other launchers): done", counts.finished, cfg.n_trials, counts.running)
             return 0
         logger.info("Trial %d started%s", trial.number,
                     f" (resumes trial {trial.user_attrs['resumed_from']})"
@@ -231,36 +241,29 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
 
 
 def setup_logging(cfg: SearchConfig, who: WorkerIdentity) -> None:
-    """Log lines carry the worker and pid; a stand-alone run also logs to CHECKPOINT_DIR/logs."""
-    fmt = f"%(asctime)s [{who.label} pid %(process)d] %(levelname)s %(name)s: %(message)s"
+    """Log lines carry the worker, host and pid; a stand-alone run also logs to
+    CHECKPOINT_DIR/logs (its file named by host too: several nodes may share the folder)."""
+    host = socket.gethostname()
+    fmt = f"%(asctime)s [{who.label}@{host} pid %(process)d] %(levelname)s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if not who.managed:  # the launcher already sends a managed worker's output to its log file
         log_dir = Path(cfg.checkpoint_dir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(
-            log_dir / f"single_gpu_{time.strftime('%Y%m%d_%H%M%S')}.log"))
+        handlers.append(logging.FileHandler(log_dir / f"single_gpu_{ownership.safe_host(host)}_"
+                                            f"{time.strftime('%Y%m%d_%H%M%S')}.log"))
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
     logging.getLogger("PIL").setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
-def _open_for_run(cfg: SearchConfig, who: WorkerIdentity) -> tuple[optuna.Study, Any]:
+def _open_for_run(cfg: SearchConfig, who: WorkerIdentity) -> optuna.Study:
     """A managed worker loads the launcher's study; a stand-alone run prepares it and recovers
-    trials that a crashed earlier run left RUNNING (when it is the study's only user)."""
+    the trials of earlier runs that provably died (other users' live trials are left alone)."""
     if who.managed:
-        return study_lib.open_study(cfg, who.rank, who.n_workers, create=False), None
-    lock = study_lib.ExclusiveLock(cfg.checkpoint_dir)
-    exclusive = lock.acquire()
+        return study_lib.open_study(cfg, who.rank, who.n_workers, create=False)
     study = prepare(cfg, who).study
-    if exclusive:
-        orphans = study_lib.fail_running_trials(study, "crashed")
-        if orphans:
-            logger.warning("Trials %s were left RUNNING by a run that crashed: they run again",
-                           orphans)
-    else:
-        logger.warning("%s also uses this checkpoint folder; trials it leaves behind are "
-                       "recovered through Optuna's heartbeat", lock.holder())
-    return study, lock
+    study_lib.recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace)
+    return study
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.prepare_only:
             prepare(cfg, who)
             return 0
-        study, _lock = _open_for_run(cfg, who)
+        study = _open_for_run(cfg, who)
         objective = make_objective(cfg, stop, who)
         return run_search(study, cfg, objective, stop, who)
     except UsageError as exc:

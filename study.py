@@ -7,26 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
-import os
-import socket
 import threading
+import time
 import warnings
 import zlib
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-import locks
+import ownership
+import storage as storage_lib
 from config import SearchConfig, UsageError
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 20
-HEARTBEAT_GRACE_S = 90
 # Trials failed for these reasons did not fail on their own merits: they run again.
 RETRYABLE_REASONS = frozenset({"interrupted", "worker_died", "crashed", "stale"})
 # Reasons that count as an attempt (an interrupt does not): a trial that keeps killing its worker
@@ -40,31 +36,7 @@ class SettingsMismatch(UsageError):
     """The stored study was made with settings that change what a trial's value means."""
 
 
-# ---------------------------------------------------------------- storage, sampler, pruner
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """Storage behind one URL: sqlite/postgresql/mysql (with heartbeat) or journal:///path."""
-    if url.startswith("journal:///"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = url[len("journal://"):]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    # We record heartbeats ourselves (ask/tell, see Heartbeat): Optuna's notes on that are noise.
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    warnings.filterwarnings("ignore", message=".*heartbeat_interval.*experimental")
-    warnings.filterwarnings("ignore", message=".*grace_period.*experimental")
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=HEARTBEAT_GRACE_S)
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
-        raise UsageError(f"--storage {url!r} cannot be opened ({exc}); use sqlite:///FILE, "
-                         "postgresql://USER@HOST/DB or journal:///FILE") from exc
-
+# ---------------------------------------------------------------- sampler, pruner, study
 
 def sampler_seed(base_seed: int, worker_rank: int, trials_so_far: int) -> int:
     """A seed per worker and per start, so workers (and resumed runs) don't repeat suggestions."""
@@ -89,7 +61,7 @@ def make_pruner(epochs: int) -> optuna.pruners.BasePruner:
 def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
                create: bool = True) -> optuna.Study:
     """Create or load the study with this project's sampler and pruner."""
-    storage = make_storage(cfg.storage_url)
+    storage = storage_lib.make_storage(cfg.storage_url, cfg.heartbeat_grace)
     pruner = make_pruner(cfg.epochs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -153,6 +125,17 @@ def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], wh
             "or use another --checkpoint_dir or --study_name")
 
 
+def check_or_store_heartbeat(study: optuna.Study, grace_s: int) -> None:
+    """Every launcher of a study must judge heartbeats alike: with a shorter grace period one
+    could fail another's live trials. The first run stores it; a different value is refused."""
+    stored = study.user_attrs.get("heartbeat_grace")
+    if stored is None:
+        study.set_user_attr("heartbeat_grace", int(grace_s))
+    elif int(stored) != int(grace_s):
+        raise SettingsMismatch(f"--heartbeat_grace {grace_s} differs from the {stored} s this "
+                               f"study's launchers use; pass --heartbeat_grace {stored}")
+
+
 # ---------------------------------------------------------------- counting and the budget
 
 @dataclasses.dataclass(frozen=True)
@@ -198,36 +181,34 @@ def budget_left(counts: Counts, n_trials: int) -> int:
     return max(0, n_trials - counts.finished - counts.running)
 
 
-def budget_lock(checkpoint_dir: str | os.PathLike):
-    """Serialise 'count, then start a trial' across the processes of one node."""
-    return locks.file_lock(Path(checkpoint_dir) / ".budget.lock")
-
-
-def claim_trial(study: optuna.Study, n_trials: int, checkpoint_dir: str | os.PathLike,
-                worker: str) -> optuna.Trial | None:
+def claim_trial(study: optuna.Study, cfg: SearchConfig,
+                owner: Mapping[str, Any]) -> optuna.Trial | None:
     """Start the next trial if the budget allows (None when it does not).
 
-    Under the budget lock: fail stale trials, count, queue one interrupted/crashed trial to run
-    again with its hyperparameters, then ask. So the study never exceeds `n_trials` finished
-    trials however many workers race.
+    Under the study's budget lock (storage.budget_lock, shared by every launcher of the study):
+    fail the trials whose owner is provably dead, count, then create the trial already RUNNING
+    with its owner's attributes (and, for an interrupted/crashed trial that runs again, its
+    hyperparameters). So the study never exceeds `cfg.n_trials` finished trials however many
+    workers, launchers or nodes race, and no trial is ever RUNNING without an owner.
     """
-    with budget_lock(checkpoint_dir):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeat
+    with storage_lib.budget_lock(study, cfg.storage_url):
+        recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace)
         trials = study.get_trials(deepcopy=False)
-        if budget_left(count_trials(trials, study.direction.name.lower()), n_trials) <= 0:
+        if budget_left(count_trials(trials, cfg.direction), cfg.n_trials) <= 0:
             return None
         retry = next_retry(trials)
-        if retry is not None:
-            study.enqueue_trial(retry.params, user_attrs=retry_user_attrs(retry))
+        if retry is None:
+            study.enqueue_trial({}, user_attrs=dict(owner))
+        else:
+            study.enqueue_trial(retry.params, user_attrs={**owner, **retry_user_attrs(retry)})
             logger.info("Trial %d (%s) runs again as a new trial with the same hyperparameters",
                         retry.number, retry.user_attrs.get("fail_reason", "stale"))
         trial = study.ask()
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("host", socket.gethostname())
-        return trial
+    if trial.user_attrs.get("pid") != owner["pid"]:
+        # ask() took an older queued trial (one a user enqueued by hand): make it ours.
+        for key, value in owner.items():
+            trial.set_user_attr(key, value)
+    return trial
 
 
 def _reason(t: FrozenTrial) -> str:
@@ -257,12 +238,23 @@ def retry_user_attrs(t: FrozenTrial) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- recovery
 
-def fail_running_trials(study: optuna.Study, reason: str, pid: int | None = None) -> list[int]:
-    """Mark RUNNING trials (all, or only those of worker `pid`) FAIL with `reason`."""
+def fail_running_trials(study: optuna.Study, reason: str, pid: int | None = None,
+                        run: str | None = None) -> list[int]:
+    """Mark the RUNNING trials of worker `pid` or of launcher run `run` FAIL with `reason`.
+
+    Only for owners known to be gone (the caller's own workers, after they ended).
+    """
+    assert pid is not None or run is not None, "never fail every RUNNING trial: others may own them"
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+              if (pid is None or t.user_attrs.get("pid") == pid)
+              and (run is None or t.user_attrs.get("run") == run)]
+    return _fail(study, trials, reason)
+
+
+def _fail(study: optuna.Study, trials: Sequence[FrozenTrial], reason: str) -> list[int]:
+    """Mark `trials` FAIL with `reason`; ones that finished meanwhile are left as they are."""
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if pid is not None and t.user_attrs.get("pid") != pid:
-            continue
+    for t in trials:
         with contextlib.suppress(RuntimeError, ValueError):
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -270,65 +262,79 @@ def fail_running_trials(study: optuna.Study, reason: str, pid: int | None = None
     return failed
 
 
-class ExclusiveLock:
-    """A non-blocking exclusive lock on the checkpoint folder: held by the one process that
-    drives the study (the launcher, or a stand-alone worker). Whoever holds it knows that every
-    RUNNING trial it did not start itself is an orphan of a crashed run."""
+def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_grace_s: int,
+                now: float, stale_ids: Collection[int] = (),
+                start_of=ownership.process_start) -> tuple[list, list]:
+    """RUNNING trials that are provably dead, as (owner gone from this host, heartbeat stale).
 
-    def __init__(self, checkpoint_dir: str | os.PathLike):
-        self.path = Path(checkpoint_dir) / ".search.lock"
-        self._fh = None
+    An owner on this host is judged by its process (pid and start time), at once and above any
+    heartbeat; one elsewhere only by its heartbeat: Optuna's (`stale_ids`, RDB storages) or the
+    `heartbeat_at` user attribute that `Heartbeat` writes where the storage has none (pure but
+    for `start_of`).
+    """
+    gone, stale = [], []
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        verdict = ownership.judge(t.user_attrs, here, start_of)
+        beat = t.user_attrs.get("heartbeat_at")
+        if verdict == ownership.Verdict.DEAD:
+            gone.append(t)
+        elif verdict == ownership.Verdict.UNKNOWN and (
+                t._trial_id in stale_ids
+                or (beat is not None and now - float(beat) > heartbeat_grace_s)):
+            stale.append(t)
+    return gone, stale
 
-    def acquire(self) -> bool:
-        """Take the lock if free; False when another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            return False
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-        return True
 
-    def holder(self) -> str:
-        """Who holds the lock, as written in the lock file."""
-        try:
-            return self.path.read_text().strip() or "another process"
-        except OSError:
-            return "another process"
-
-    def release(self) -> None:
-        """Release the lock (also released by the OS when the process dies)."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+def recover_dead_trials(study: optuna.Study, here: ownership.Host,
+                        heartbeat_grace_s: int) -> list[int]:
+    """Fail the RUNNING trials whose owner is provably dead, so they run again: owners on this
+    host that no longer exist (pid and start time), and trials whose heartbeat is stale. A live
+    trial of another launcher, on this host or any other, is never touched."""
+    backend = storage_lib.rdb_backend(study._storage)
+    stale_ids = backend._get_stale_trial_ids(study._study_id) if backend is not None else []
+    gone, stale = dead_trials(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                              here, heartbeat_grace_s, time.time(), set(stale_ids))
+    crashed = _fail(study, gone, "crashed")
+    if crashed:
+        logger.warning("Trials %s were left RUNNING by processes of %s that no longer exist: "
+                       "they run again", crashed, here.name)
+    silent = _fail(study, stale, "stale")
+    if silent:
+        logger.warning("Trials %s sent no heartbeat for %d s (their host or worker died): they "
+                       "run again", silent, heartbeat_grace_s)
+    return [*crashed, *silent]
 
 
 class Heartbeat:
-    """Records a trial's heartbeat from a thread (ask/tell does not do it for us)."""
+    """Records a trial's heartbeat from a thread (ask/tell does not do it for us): Optuna's for an
+    RDB storage, a `heartbeat_at` user attribute (wall clock) for the journal, which has none."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval_s: float):
         self._storage = study._storage
         self._trial_id = trial._trial_id
+        self._interval_s = interval_s
+        self._rdb = storage_lib.rdb_backend(self._storage) is not None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
 
+    def _beat(self) -> None:
+        if self._rdb:
+            self._storage.record_heartbeat(self._trial_id)
+        else:
+            self._storage.set_trial_user_attr(self._trial_id, "heartbeat_at", time.time())
+
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+        while not self._stop.wait(self._interval_s):
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                self._beat()
             except Exception as exc:  # a lost heartbeat must not kill the trial
                 logger.warning("heartbeat not recorded: %s", exc)
 
     def __enter__(self) -> "Heartbeat":
-        if isinstance(self._storage, optuna.storages.RDBStorage):
-            self._storage.record_heartbeat(self._trial_id)
-            self._thread.start()
+        self._beat()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -29,6 +28,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 import atomic
 import locks
+import ownership
+import storage as storage_lib
 import study as study_lib
 import summary_plots as plots
 from config import (DEFAULT_STUDY_NAME, STUDY_DB_NAME, TRIAL_RESULT_KEYS, UsageError,
@@ -39,7 +40,7 @@ logger = logging.getLogger("summarize")
 # User attributes that say where and how a trial ran, kept in all_trials.csv after the metrics.
 RUN_ATTRS = ("worker", "attempt", "resumed_from", "fail_reason")
 # Bookkeeping that identifies a process, not a trial's result: left out of tables and metrics.
-PROCESS_ATTRS = ("pid", "host")
+PROCESS_ATTRS = (*ownership.OWNER_KEYS, "checkpoint_dir", "heartbeat_at")
 TOP_K = 5
 FIGURES = {
     "all_trials_comparison.png": "every trial's value (best first) and all validation curves",
@@ -99,7 +100,7 @@ def pick_study_name(names: Sequence[str], wanted: str | None, url: str) -> str:
 def open_study(url: str, study_name: str | None) -> optuna.Study:
     """Load the study for reading (a cheap sampler: we never ask for trials)."""
     _check_storage_exists(url)
-    storage = study_lib.make_storage(url)
+    storage = storage_lib.make_storage(url)
     name = pick_study_name(optuna.get_all_study_names(storage), study_name, url)
     return optuna.load_study(study_name=name, storage=storage,
                              sampler=optuna.samplers.RandomSampler())
@@ -118,11 +119,21 @@ def take_snapshot(study: optuna.Study, url: str) -> Snapshot:
 
 # ---------------------------------------------------------------- tables
 
+def trial_folder(t: FrozenTrial, checkpoint_dir: Path) -> Path:
+    """The trial's folder: under this checkpoint folder, else under the one of the launcher that
+    ran it (several nodes may each have their own, on a shared file system)."""
+    here = trial_dir(checkpoint_dir, t.number)
+    there = t.user_attrs.get("checkpoint_dir")
+    if here.is_dir() or not there:
+        return here
+    return trial_dir(there, t.number)
+
+
 def trial_metrics(t: FrozenTrial, checkpoint_dir: Path) -> dict[str, Any]:
     """The trial's key metrics: its user attributes, else its folder's metrics.json."""
     metrics = {k: t.user_attrs[k] for k in TRIAL_RESULT_KEYS if k in t.user_attrs}
     if len(metrics) < len(TRIAL_RESULT_KEYS):
-        path = trial_dir(checkpoint_dir, t.number) / "metrics.json"
+        path = trial_folder(t, checkpoint_dir) / "metrics.json"
         with contextlib.suppress(OSError, ValueError):
             stored = json.loads(path.read_text())
             metrics.update({k: stored[k] for k in TRIAL_RESULT_KEYS if k in stored and k not in metrics})
@@ -226,7 +237,7 @@ def names_best(best_dir: Path, best: FrozenTrial, snap: Snapshot) -> bool:
 
 def stage_best(staging: Path, best: FrozenTrial, snap: Snapshot, checkpoint_dir: Path) -> bool:
     """Fill `staging` with the best trial's files; True when it holds a model checkpoint."""
-    source = trial_dir(checkpoint_dir, best.number)
+    source = trial_folder(best, checkpoint_dir)
     staging.mkdir(parents=True)
     model = source / "best_model.pth"
     if model.is_file():
@@ -259,7 +270,7 @@ def update_best_overall(snap: Snapshot, checkpoint_dir: Path) -> BestOutcome:
         outcome = BestOutcome(f"best_overall/ already holds trial {best.number}: unchanged.",
                               has_model=(target / "best_model.pth").is_file())
         return _test_existing(target, outcome, test_dir, snap.settings)
-    staging = checkpoint_dir / f".best_overall.new-{os.getpid()}"
+    staging = checkpoint_dir / f".best_overall.new-{atomic.process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         has_model = stage_best(staging, best, snap, checkpoint_dir)

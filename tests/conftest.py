@@ -5,3 +5,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Fixtures shared by several modules: launchers run as a user would, and real servers started for
+# the session (a throw-away PostgreSQL, a one-machine SLURM).
+pytest_plugins = ["launcher_runs", "pg_server"]

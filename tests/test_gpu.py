@@ -12,6 +12,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+import ownership
 import study as study_lib
 from config import SearchConfig
 from single_gpu_hyperparameter_search import run_one_trial
@@ -20,6 +21,7 @@ from synthetic import make_synthetic
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run on the device machine)")
 ROOT = Path(__file__).resolve().parent.parent
+OWNER = ownership.owner_attrs(ownership.Host.current(), run="gpu-test", worker="gpu0")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_memory_is_released_after_an_out_of_memory_trial(tmp_path):
         torch.empty(int(free * 0.8), dtype=torch.uint8, device="cuda")         # then OOM
         return float(keep.numel())
 
-    trial = study_lib.claim_trial(study, 2, tmp_path, "gpu0")
+    trial = study_lib.claim_trial(study, cfg, OWNER)
     state, reason = run_one_trial(study, trial, greedy, cfg)
     assert state == TrialState.FAIL and "OutOfMemoryError" in reason
     assert torch.cuda.memory_allocated() == baseline
@@ -86,7 +88,7 @@ def test_memory_is_released_after_an_out_of_memory_trial(tmp_path):
         big = torch.ones(int(free * 0.6), dtype=torch.uint8, device="cuda")
         return float(big[-1].item())   # (a .sum() would upcast the whole tensor to int64)
 
-    trial = study_lib.claim_trial(study, 2, tmp_path, "gpu0")
+    trial = study_lib.claim_trial(study, cfg, OWNER)
     assert run_one_trial(study, trial, fits, cfg)[0] == TrialState.COMPLETE
 
 

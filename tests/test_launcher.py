@@ -2,16 +2,15 @@
 tiny objective that sleeps like a GPU-bound trial (tests/objectives/sleepy.py)."""
 import ctypes
 import io
-import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -22,8 +21,7 @@ from config import SearchConfig, config_from_args
 from study import Counts
 from workers import Controller, Worker, backoff_s
 
-ROOT = Path(__file__).resolve().parents[1]
-SLEEPY = ROOT / "tests" / "objectives" / "sleepy.py"
+from launcher_runs import ROOT, SLEEPY, _descendants_by_env, by_state, envs, max_overlap, trials
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -73,10 +71,13 @@ def test_build_workers_pins_each_worker_to_the_parents_id(tmp_path):
                        objective="x.py:f")
     env = {"CUDA_VISIBLE_DEVICES": "0,1,3", "HOME": "/h"}
     slots = devices.choose_workers(None, None, 1, env, lambda: [])
-    workers = ps.build_workers(cfg, slots, "20260101_000000", env, parent_pid=7, n_cores=8)
+    workers = ps.build_workers(cfg, slots, "20260101_000000", env, parent_pid=7, n_cores=8,
+                               host="node_1", run="node_1/7/20260101T000000")
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1", "3"]
-    assert [w.log_path.name for w in workers] == [f"worker_gpu{i}_20260101_000000.log"
+    # the host in the name: workers of several nodes may share one logs/ folder
+    assert [w.log_path.name for w in workers] == [f"worker_gpu{i}_node-1_20260101_000000.log"
                                                   for i in (0, 1, 3)]
+    assert {w.env["PARALLEL_SEARCH_RUN"] for w in workers} == {"node_1/7/20260101T000000"}
     for w in workers:  # the same total budget for every worker, not n_trials each
         assert w.argv[w.argv.index("--n_trials") + 1] == "24"
         assert w.argv[w.argv.index("--num_workers") + 1] == "1"  # 8 cores / 3 workers - 1
@@ -158,93 +159,6 @@ def test_the_launcher_never_imports_torch():
 
 # ---------------------------------------------------------------- real processes
 
-def _descendants_by_env(launcher_pid):
-    """Every live process whose environment says it belongs to this launcher's run."""
-    tag = f"PARALLEL_SEARCH_PARENT_PID={launcher_pid}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if tag in (entry / "environ").read_bytes().split(b"\0") and \
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-class Run:
-    """One launcher process started like a user would, output kept in a file."""
-
-    def __init__(self, ckpt, flags, sleep, env=None, objective=SLEEPY):
-        self.ckpt = Path(ckpt)
-        self.out_path = self.ckpt.parent / (self.ckpt.name + ".out")
-        full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-        full_env.update({"SLEEPY_SECONDS": str(sleep), **(env or {})})
-        with open(self.out_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "parallel_search.py"), "--objective",
-                 f"{objective}:objective", "--checkpoint_dir", str(self.ckpt), "--no_summary",
-                 *flags], env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.started = time.monotonic()
-
-    def wait(self, timeout):
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"launcher still running after {timeout} s:\n{self.output()}")
-
-    def output(self):
-        return self.out_path.read_text(errors="replace")
-
-    def started_trials(self):
-        return len(list(self.ckpt.glob("trial_*/env.json")))
-
-    def wait_until_started(self, n, timeout=60):
-        deadline = time.monotonic() + timeout
-        while self.started_trials() < n:
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, f"{n} trials never started:\n{self.output()}"
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def runs():
-    """Start launchers; kill whatever is left of them when the test ends."""
-    started = []
-    yield lambda *a, **k: started.append(Run(*a, **k)) or started[-1]
-    for run in started:
-        for pid in [run.proc.pid, *_descendants_by_env(run.proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        run.proc.wait()
-
-
-def trials(ckpt):
-    storage = f"sqlite:///{Path(ckpt) / 'optuna_study.db'}"
-    return optuna.load_study(study_name="writer_id_search", storage=storage).get_trials()
-
-
-def by_state(ts, state):
-    return [t for t in ts if t.state == state]
-
-
-def envs(ckpt):
-    return [json.loads(p.read_text()) for p in sorted(Path(ckpt).glob("trial_*/env.json"))]
-
-
-def max_overlap(records):
-    events = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
-    level = peak = 0
-    for _, step in events:
-        level += step
-        peak = max(peak, level)
-    return peak
-
-
 def test_four_cpu_workers_run_at_once_and_finish_exactly_the_budget(tmp_path, runs):
     # Paths with spaces and quotes: argv lists, never a shell string.
     objective = tmp_path / "my objectives" / "sleepy 'obj'.py"
@@ -256,8 +170,10 @@ def test_four_cpu_workers_run_at_once_and_finish_exactly_the_budget(tmp_path, ru
     ts = trials(ckpt)
     assert len(by_state(ts, TrialState.COMPLETE)) == 12 and len(ts) == 12
     assert max_overlap(envs(ckpt)) == 4
+    host = ps.ownership.safe_host(socket.gethostname())
     logs = sorted(p.name.rsplit("_", 2)[0] for p in (ckpt / "logs").iterdir())
-    assert logs == ["launcher", "worker_cpu0", "worker_cpu1", "worker_cpu2", "worker_cpu3"]
+    assert logs == [f"{role}_{host}" for role in
+                    ("launcher", "worker_cpu0", "worker_cpu1", "worker_cpu2", "worker_cpu3")]
     threads = str(devices.threads_per_worker(len(os.sched_getaffinity(0)), 4))
     assert {r["omp_num_threads"] for r in envs(ckpt)} == {threads}
     assert {r["cuda_visible_devices"] for r in envs(ckpt)} == {""}

@@ -1,10 +1,16 @@
 import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+import ownership
+import storage as storage_lib
 import study as study_lib
 from config import SearchConfig
 
@@ -75,61 +81,154 @@ def test_direction_mismatch_is_refused(tmp_path):
         study_lib.open_study(_cfg(tmp_path, direction="minimize"))
 
 
+def _owner(worker, run="run-a", pid=None):
+    return ownership.owner_attrs(ownership.Host.current(), run=run, worker=worker, pid=pid)
+
+
 def test_claim_requeues_an_interrupted_trial_with_its_params(tmp_path):
     cfg = _cfg(tmp_path, n=3)
     study = study_lib.open_study(cfg)
-    t = study_lib.claim_trial(study, 3, tmp_path, "cpu0")
+    t = study_lib.claim_trial(study, cfg, _owner("cpu0"))
     x = t.suggest_float("x", -10, 10)
     t.set_user_attr("fail_reason", "interrupted")
     study.tell(t, state=TrialState.FAIL)
-    again = study_lib.claim_trial(study, 3, tmp_path, "cpu1")
+    again = study_lib.claim_trial(study, cfg, _owner("cpu1"))
     assert again.user_attrs["resumed_from"] == t.number
     assert again.suggest_float("x", -10, 10) == x
     assert again.user_attrs["worker"] == "cpu1"
 
 
-def test_fail_running_trials_of_one_pid(tmp_path):
-    study = study_lib.open_study(_cfg(tmp_path))
-    a = study_lib.claim_trial(study, 4, tmp_path, "cpu0")
-    study._storage.set_trial_user_attr(a._trial_id, "pid", 999999)
-    b = study_lib.claim_trial(study, 4, tmp_path, "cpu1")
-    assert study_lib.fail_running_trials(study, "worker_died", pid=999999) == [a.number]
+def test_a_claimed_trial_is_running_with_its_whole_owner(tmp_path):
+    cfg = _cfg(tmp_path)
+    study = study_lib.open_study(cfg)
+    trial = study_lib.claim_trial(study, cfg, _owner("gpu3", run="node7/12/20261128T101500"))
+    stored = study.trials[trial.number]
+    assert stored.state == TrialState.RUNNING
+    me = ownership.Host.current()
+    assert {k: stored.user_attrs[k] for k in ownership.OWNER_KEYS} == {
+        "host": me.name, "boot_id": me.boot_id, "pid": os.getpid(),
+        "pid_start": ownership.process_start(os.getpid()), "run": "node7/12/20261128T101500",
+        "worker": "gpu3"}
+
+
+def test_fail_running_trials_only_of_the_given_worker_and_run(tmp_path):
+    cfg = _cfg(tmp_path)
+    study = study_lib.open_study(cfg)
+    a = study_lib.claim_trial(study, cfg, _owner("cpu0", pid=999999))
+    b = study_lib.claim_trial(study, cfg, _owner("cpu1"))
+    other = study_lib.claim_trial(study, cfg, _owner("cpu0", run="run-b", pid=999999))
+    # the same pid in another launcher's run (another host, say) is not ours to fail
+    assert study_lib.fail_running_trials(study, "worker_died", pid=999999, run="run-a") == \
+        [a.number]
+    assert study_lib.fail_running_trials(study, "worker_died", run="run-c") == []
     states = {t.number: t.state for t in study.get_trials()}
-    assert states == {a.number: TrialState.FAIL, b.number: TrialState.RUNNING}
+    assert states == {a.number: TrialState.FAIL, b.number: TrialState.RUNNING,
+                      other.number: TrialState.RUNNING}
     assert study.trials[a.number].user_attrs["fail_reason"] == "worker_died"
+    with pytest.raises(AssertionError):
+        study_lib.fail_running_trials(study, "worker_died")  # never "every RUNNING trial"
+
+
+HERE = ownership.Host(name="node1", boot_id="boot-1")
+
+
+def _running(number, **attrs):
+    t = _frozen(number, TrialState.RUNNING, attrs)
+    t._trial_id = 100 + number
+    return t
+
+
+def test_dead_trials_are_judged_by_process_here_and_by_heartbeat_elsewhere():
+    alive_pids = {10: 555, 11: 777}  # pid -> start time of the processes that live
+    mine = dict(host="node1", boot_id="boot-1")
+    trials = [
+        _running(0, **mine, pid=10, pid_start=555),       # alive
+        _running(1, **mine, pid=11, pid_start=111),       # pid reused by another process: dead
+        _running(2, **mine, pid=12, pid_start=5),         # gone
+        _running(3, host="node1", boot_id="boot-0", pid=10, pid_start=555),  # before a reboot
+        _running(4, host="node2", boot_id="boot-9", pid=12, pid_start=5),    # elsewhere: live
+        _running(5, host="node2", boot_id="boot-9", pid=10, pid_start=1),    # elsewhere: stale
+        _running(6, host="node2", heartbeat_at=1000.0),   # journal heartbeat, 50 s old: live
+        _running(7, host="node2", heartbeat_at=900.0),    # journal heartbeat, 150 s old: stale
+        _running(8),                                      # no owner recorded: heartbeat only
+        _running(9, **mine, pid=10, pid_start=555),       # alive here beats a stale heartbeat
+        _frozen(10, TrialState.FAIL, dict(mine, pid=12, pid_start=5)),  # not RUNNING
+    ]
+    gone, stale = study_lib.dead_trials(trials, HERE, heartbeat_grace_s=90, now=1050.0,
+                                        stale_ids={105, 109}, start_of=alive_pids.get)
+    assert [t.number for t in gone] == [1, 2, 3]
+    assert [t.number for t in stale] == [5, 7]
+
+
+def test_recover_dead_trials_spares_live_owners_here_and_elsewhere(tmp_path):
+    cfg = _cfg(tmp_path, n=10)
+    study = study_lib.open_study(cfg)
+    victim, survivor = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+                        for _ in range(2))
+    try:
+        dead = study_lib.claim_trial(study, cfg, _owner("cpu0", pid=victim.pid))
+        live = study_lib.claim_trial(study, cfg, _owner("cpu1", pid=survivor.pid))
+        remote = study_lib.claim_trial(study, cfg, {**_owner("gpu0", pid=victim.pid),
+                                                    "host": "elsewhere"})
+        victim.kill()
+        victim.wait()
+        here = ownership.Host.current()
+        assert study_lib.recover_dead_trials(study, here, 90) == [dead.number]
+        states = {t.number: t.state for t in study.get_trials()}
+        assert states == {dead.number: TrialState.FAIL, live.number: TrialState.RUNNING,
+                          remote.number: TrialState.RUNNING}
+        assert study.trials[dead.number].user_attrs["fail_reason"] == "crashed"
+    finally:
+        for proc in (victim, survivor):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_stale_heartbeat_elsewhere_fails_the_trial(tmp_path):
+    cfg = _cfg(tmp_path, n=10, heartbeat_grace=5)
+    study = study_lib.open_study(cfg)
+    remote = study_lib.claim_trial(study, cfg, {**_owner("gpu0"), "host": "elsewhere"})
+    study._storage.record_heartbeat(remote._trial_id)
+    assert study_lib.recover_dead_trials(study, ownership.Host.current(), 5) == []
+    time.sleep(6.5)
+    assert study_lib.recover_dead_trials(study, ownership.Host.current(), 5) == [remote.number]
+    assert study.trials[remote.number].user_attrs["fail_reason"] == "stale"
+
+
+def test_heartbeat_grace_is_stored_once_and_must_match(tmp_path):
+    study = study_lib.open_study(_cfg(tmp_path))
+    study_lib.check_or_store_heartbeat(study, 90)
+    study_lib.check_or_store_heartbeat(study, 90)
+    with pytest.raises(study_lib.SettingsMismatch, match="pass --heartbeat_grace 90"):
+        study_lib.check_or_store_heartbeat(study, 30)
 
 
 def _race(args):
-    checkpoint_dir, n_trials = args
+    checkpoint_dir, storage, n_trials = args
     cfg = SearchConfig(data_root=None, checkpoint_dir=checkpoint_dir, n_trials=n_trials,
-                       objective="x.py:f")
+                       objective="x.py:f", storage=storage)
     study = study_lib.open_study(cfg)
+    owner = _owner("w", run=f"race-{os.getpid()}")
     done = 0
-    while (trial := study_lib.claim_trial(study, n_trials, checkpoint_dir, "w")) is not None:
+    while (trial := study_lib.claim_trial(study, cfg, owner)) is not None:
         trial.suggest_float("x", 0, 1)
         study.tell(trial, 1.0)
         done += 1
     return done
 
 
-def test_budget_holds_exactly_when_processes_race(tmp_path):
-    study_lib.open_study(_cfg(tmp_path))  # created once, before the racers
+@pytest.mark.parametrize("url", ["sqlite", "journal"])
+def test_budget_holds_exactly_when_processes_of_different_folders_race(tmp_path, url):
+    # The lock belongs to the storage, not to a checkpoint folder: each racer has its own folder.
+    storage = (f"sqlite:///{tmp_path / 'shared.db'}" if url == "sqlite"
+               else f"journal:///{tmp_path / 'shared.log'}")
+    study_lib.open_study(_cfg(tmp_path, storage=storage))  # created once, before the racers
     with mp.get_context("fork").Pool(6) as pool:
-        done = pool.map(_race, [(str(tmp_path), 7)] * 6)
+        done = pool.map(_race, [(str(tmp_path / f"folder{i}"), storage, 7) for i in range(6)])
     trials = optuna.load_study(study_name=_cfg(tmp_path).study_name,
-                               storage=_cfg(tmp_path).storage_url).get_trials()
+                               storage=storage_lib.make_storage(storage)).get_trials()
     assert sum(done) == 7
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 7
-
-
-def test_exclusive_lock_is_exclusive(tmp_path):
-    first, second = study_lib.ExclusiveLock(tmp_path), study_lib.ExclusiveLock(tmp_path)
-    assert first.acquire()
-    assert not second.acquire()
-    assert "pid" in second.holder()
-    first.release()
-    assert second.acquire()
-    second.release()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 7 and len(trials) == 7
 
 
 def test_sampler_seed_differs_per_worker_and_per_start():

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+import ownership
 from single_gpu_hyperparameter_search import WorkerIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,8 +105,14 @@ def test_trials_left_running_by_a_crash_are_recovered(tmp_path):
     assert run(tmp_path, 1).returncode == 0
     study = optuna.load_study(study_name="writer_id_search",
                               storage=f"sqlite:///{tmp_path}/optuna_study.db")
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = ownership.owner_attrs(ownership.Host.current(), run="crashed-run", worker="single",
+                                  pid=worker.pid)
+    study.enqueue_trial({}, user_attrs=owner)
     orphan = study.ask()
-    orphan.suggest_float("x", -5, 5)            # a trial whose process was kill -9'd
+    orphan.suggest_float("x", -5, 5)
+    worker.kill()  # the trial's process was kill -9'd: it is left RUNNING
+    worker.wait()
     assert run(tmp_path, 2).returncode == 0
     ts = trials(tmp_path)
     assert ts[orphan.number].state == TrialState.FAIL

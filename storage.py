@@ -1,0 +1,229 @@
+"""Where the study lives: opening a storage URL, the lock that makes the trial budget exact, the
+heartbeat settings, and what to tell the user about a storage (dashboard hint, network file system).
+
+Storages: SQLite (the default, one node), PostgreSQL or MySQL (many nodes), and `journal:///PATH`
+(a shared file system without a database server). The budget lock serialises "count, then start a
+trial" with the storage's own mechanism, so it holds for every launcher of the study whether they
+share a checkpoint folder or not:
+- PostgreSQL: a transaction-scoped advisory lock (`pg_advisory_xact_lock`), held on a connection of
+  its own while Optuna writes through its usual ones; the server drops it if the holder dies.
+- MySQL: `GET_LOCK`/`RELEASE_LOCK`, likewise per connection.
+- SQLite: SQLite itself serialises writers with locks on the database file, and a transaction kept
+  open on a second connection (`BEGIN IMMEDIATE`) would block Optuna's own writes in the same
+  process. So the lock is a file lock beside the database file: every process that opens that file
+  shares it, whatever its checkpoint folder. (SQLite belongs on a node-local file system anyway.)
+- Journal: Optuna's own journal file lock (`JournalFileSymlinkLock`) on a sibling file.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import shlex
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+
+import locks
+from config import SearchConfig, UsageError
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = "journal:///"
+# File systems on which SQLite's locking is unreliable (and a database file may be corrupted).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs",
+    "fuse.glusterfs", "panfs", "wekafs", "fuse.sshfs", "afs", "9p", "fuse.s3fs"})
+GET_LOCK_TIMEOUT_S = 600
+SCHEMA_RACE_RETRIES = 5
+
+
+def heartbeat_interval_s(grace_s: int) -> int:
+    """Seconds between heartbeats: a quarter of the grace period, at most 20 (pure)."""
+    return max(1, min(20, grace_s // 4))
+
+
+def driver_url(url: str, have_psycopg2: bool | None = None) -> str:
+    """`postgresql://` (or `postgres://`) with the psycopg 3 driver this project installs, unless
+    psycopg2 is there (SQLAlchemy's default for a bare `postgresql://`) (pure but for the check)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    if have_psycopg2 is None:
+        have_psycopg2 = importlib.util.find_spec("psycopg2") is not None
+    return url if have_psycopg2 and scheme == "postgresql" else f"postgresql+psycopg://{rest}"
+
+
+def journal_path(url: str) -> str | None:
+    """The journal file of a `journal:///PATH` URL, else None (pure)."""
+    return url[len(JOURNAL_PREFIX) - 1:] if url.startswith(JOURNAL_PREFIX) else None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other storages or an in-memory one) (pure)."""
+    if not url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
+                 ) -> optuna.storages.BaseStorage:
+    """The storage behind one URL: an RDB (with Optuna's heartbeat) or a journal file."""
+    path = journal_path(url)
+    if path is not None:
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    db = sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # We record heartbeats ourselves (ask/tell, see study.Heartbeat): Optuna's notes on that are
+    # noise.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    warnings.filterwarnings("ignore", message=".*heartbeat_interval.*experimental")
+    warnings.filterwarnings("ignore", message=".*grace_period.*experimental")
+    import sqlalchemy.exc
+
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                driver_url(url), engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval_s(heartbeat_grace_s),
+                grace_period=heartbeat_grace_s)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Launchers of several nodes that start at once on a new database all create
+            # Optuna's tables; the losers of that race see a duplicate and simply open them.
+            if attempt == SCHEMA_RACE_RETRIES:
+                raise _cannot_open(url, exc) from exc
+            time.sleep(0.2 * (attempt + 1))
+        except (ImportError, ValueError, optuna.exceptions.StorageInternalError,
+                sqlalchemy.exc.SQLAlchemyError) as exc:
+            raise _cannot_open(url, exc) from exc
+    raise AssertionError("unreachable")
+
+
+def _cannot_open(url: str, exc: Exception) -> UsageError:
+    """The one-line error for a storage that cannot be opened."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UsageError(f"--storage {url!r} cannot be opened ({reason}); use sqlite:///FILE, "
+                      "postgresql://USER@HOST:PORT/DB or journal:///FILE")
+
+
+def rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The RDBStorage behind a storage (Optuna wraps it in a cache), or None."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
+def lock_key(study_name: str) -> int:
+    """A 32-bit advisory-lock key for one study (pure): studies of one database don't wait on
+    each other."""
+    return zlib.crc32(f"parallel_search:budget:{study_name}".encode())
+
+
+@contextlib.contextmanager
+def budget_lock(study: optuna.Study, url: str) -> Iterator[None]:
+    """Hold the study's budget lock for the block (see the module docstring)."""
+    backend = rdb_backend(study._storage)
+    if backend is not None and backend.engine.name in ("postgresql", "mysql"):
+        with _database_lock(backend, study.study_name):
+            yield
+        return
+    path = journal_path(url)
+    if path is not None:
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        lock = JournalFileSymlinkLock(path + ".budget")
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    db = sqlite_path(url)
+    if db is None:
+        raise UsageError(f"--storage {url!r}: no budget lock for this storage; use a SQLite file, "
+                         "PostgreSQL, MySQL or journal:///FILE")
+    with locks.file_lock(db.with_name(db.name + ".budget.lock")):
+        yield
+
+
+@contextlib.contextmanager
+def _database_lock(backend: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """A server-side lock on a connection of its own; the server releases it if we die."""
+    from sqlalchemy import text
+
+    with backend.engine.connect() as conn:
+        if backend.engine.name == "postgresql":
+            with conn.begin():  # the advisory lock ends with this transaction
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": lock_key(study_name)})
+                yield
+            return
+        name = f"parallel_search_{lock_key(study_name)}"
+        got = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"),
+                           {"name": name, "timeout": GET_LOCK_TIMEOUT_S}).scalar()
+        if got != 1:
+            raise RuntimeError(f"MySQL lock {name} not obtained in {GET_LOCK_TIMEOUT_S} s")
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+
+
+# ---------------------------------------------------------------- what the user is told
+
+def dashboard_command(url: str) -> str:
+    """How to open this storage in optuna-dashboard: an RDB URL, or a journal's plain path (pure)."""
+    path = journal_path(url)
+    return f"optuna-dashboard {shlex.quote(path if path is not None else driver_url(url))}"
+
+
+def mount_of(path: str, mounts: str) -> tuple[str, str] | None:
+    """(mount point, file-system type) holding `path`, from /proc/mounts text (pure)."""
+    best: tuple[str, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape_mount(fields[1])
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best[0])):
+            best = (point, fields[2])
+    return best
+
+
+def _unescape_mount(field: str) -> str:
+    """/proc/mounts writes a space as \\040 (octal escapes) (pure)."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def network_filesystem_warning(url: str, mounts: str) -> str | None:
+    """A warning when the SQLite file of `url` sits on a network file system (pure)."""
+    db = sqlite_path(url)
+    if db is None:
+        return None
+    found = mount_of(str(db.resolve()), mounts)
+    if found is None or found[1].lower() not in NETWORK_FILESYSTEMS:
+        return None
+    return (f"the SQLite study {db} is on a {found[1]} file system ({found[0]}): SQLite's locks "
+            "are unreliable there and the database can be corrupted. With several nodes use "
+            "--storage postgresql://USER@HOST:PORT/DB; otherwise journal:///PATH or a node-local "
+            "--storage sqlite:////local/disk/study.db")
+
+
+def read_mounts() -> str:
+    """/proc/mounts, or '' where there is none."""
+    try:
+        return Path("/proc/mounts").read_text()
+    except OSError:
+        return ""

@@ -1,0 +1,118 @@
+"""Several launchers on one study, as on a cluster: a second launcher on the same folder, two
+"nodes" (launchers under their own host names) on a real PostgreSQL server with a shared or
+separate checkpoint folders, and a node that dies mid-trial. Every launcher must exit 0 with the
+study holding exactly --n_trials finished trials, none RUNNING, and no launcher may fail a live
+trial of another."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from launcher_runs import _descendants_by_env, by_state, can_pose_as_another_host, trials
+
+needs_hosts = pytest.mark.skipif(not can_pose_as_another_host(),
+                                 reason="needs `unshare --uts` (root) to pose as other nodes")
+
+
+def no_tracebacks(*folders_and_runs):
+    """Every launcher output and every log under the given checkpoint folders is free of them."""
+    texts = []
+    for item in folders_and_runs:
+        if isinstance(item, Path):
+            texts += [p.read_text(errors="replace") for p in (item / "logs").glob("*.log")]
+        else:
+            texts.append(item.output())
+    assert texts and not [t for t in texts if "Traceback" in t], \
+        "\n----\n".join(t for t in texts if "Traceback" in t)
+
+
+def test_a_second_launcher_on_the_same_folder_never_fails_the_first_ones_trials(tmp_path, runs):
+    ckpt = tmp_path / "c"
+    flags = ["--n_trials", "6", "--cpu_workers", "1"]
+    fast = runs(ckpt, flags, sleep=1.2, out=tmp_path / "a.out")
+    time.sleep(4.5)
+    slow = runs(ckpt, flags, sleep=10, out=tmp_path / "b.out")
+    assert fast.wait(120) == 0, fast.output()
+    assert slow.wait(120) == 0, slow.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 6 and len(ts) == 6, \
+        [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in ts]
+    assert len({t.user_attrs["run"] for t in ts}) == 2  # both launchers ran trials
+    # the fast one finished its share first and waited for the slow one's trial
+    assert "waiting for 1 trial(s) of other launchers" in fast.output()
+    assert "6/6 trials finished" in fast.output() and "6/6 trials finished" in slow.output()
+    no_tracebacks(ckpt, fast, slow)
+
+
+def test_no_wait_leaves_the_rest_to_the_other_launcher_and_exits_0(tmp_path, runs):
+    ckpt = tmp_path / "c"
+    slow = runs(ckpt, ["--n_trials", "2", "--cpu_workers", "1"], sleep=8, out=tmp_path / "b.out")
+    slow.wait_until_started(1)
+    fast = runs(ckpt, ["--n_trials", "2", "--cpu_workers", "1", "--no_wait"], sleep=0.2,
+                out=tmp_path / "a.out")
+    assert fast.wait(60) == 0, fast.output()
+    assert "1 trial(s) still run on other launchers" in fast.output()
+    assert slow.proc.poll() is None  # the other launcher goes on
+    assert slow.wait(60) == 0, slow.output()
+    assert len(by_state(trials(ckpt), TrialState.COMPLETE)) == 2
+
+
+def _two_nodes(runs, tmp_path, url, folders, n_trials=14, sleep=1.0, extra=()):
+    flags = ["--n_trials", str(n_trials), "--cpu_workers", "2", "--storage", url, *extra]
+    return [runs(folder, flags, sleep=sleep, host=f"node{i}", out=tmp_path / f"node{i}.out")
+            for i, folder in enumerate(folders, start=1)]
+
+
+def _check_exact(url, n_trials):
+    ts = trials(storage=url)
+    assert len(by_state(ts, TrialState.COMPLETE)) == n_trials, \
+        [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in ts]
+    assert not by_state(ts, TrialState.RUNNING)
+    return ts
+
+
+@needs_hosts
+@pytest.mark.parametrize("layout", ["shared folder", "separate folders"])
+def test_two_nodes_on_postgresql_share_one_exact_budget(tmp_path, runs, postgres_url, layout):
+    folders = ([tmp_path / "shared"] * 2 if layout == "shared folder"
+               else [tmp_path / "node1", tmp_path / "node2"])
+    nodes = _two_nodes(runs, tmp_path, postgres_url, folders)
+    for node in nodes:
+        assert node.wait(150) == 0, node.output()
+    ts = _check_exact(postgres_url, 14)
+    assert len(ts) == 14  # nothing failed, nothing ran twice
+    assert {t.user_attrs["host"] for t in ts} == {"node1", "node2"}
+    assert len({(t.user_attrs["host"], t.user_attrs["pid"]) for t in ts}) >= 4
+    for i, node in enumerate(nodes, start=1):
+        assert f"[launcher@node{i}]" in node.output()
+    logs = {p.name for folder in set(folders) for p in (folder / "logs").glob("worker_*.log")}
+    assert len(logs) == 4 and {name.split("_")[2] for name in logs} == {"node1", "node2"}
+    no_tracebacks(*set(folders), *nodes)
+
+
+@needs_hosts
+def test_when_a_node_dies_the_other_reruns_its_trials_and_finishes(tmp_path, runs,
+                                                                  postgres_url):
+    victim, survivor = _two_nodes(runs, tmp_path, postgres_url,
+                                  [tmp_path / "node1", tmp_path / "node2"], sleep=3,
+                                  extra=["--heartbeat_grace", "6"])
+    victim.wait_until_started(2)
+    time.sleep(1)
+    for pid in [*_descendants_by_env(victim.proc.pid), victim.proc.pid]:
+        os.kill(pid, signal.SIGKILL)  # the whole node, at once: no one gets to clean up
+    victim.proc.wait()
+    orphans = [t for t in trials(storage=postgres_url)
+               if t.state == TrialState.RUNNING and t.user_attrs["host"] == "node1"]
+    assert orphans, "the victim had no trial running when it died"
+    assert survivor.wait(240) == 0, survivor.output()
+    ts = _check_exact(postgres_url, 14)
+    failed = by_state(ts, TrialState.FAIL)
+    assert {t.number for t in failed} == {t.number for t in orphans}
+    assert {t.user_attrs["fail_reason"] for t in failed} == {"stale"}
+    rerun = {t.user_attrs.get("resumed_from"): t for t in by_state(ts, TrialState.COMPLETE)}
+    for t in orphans:  # each ran again on the survivor, with its hyperparameters
+        assert rerun[t.number].user_attrs["host"] == "node2" and rerun[t.number].params == t.params
+    no_tracebacks(tmp_path / "node2", survivor)

@@ -1,0 +1,99 @@
+"""Storage URLs, the per-storage budget lock's target, the network-file-system warning and the
+owner of a trial: pure helpers with plain data, /proc read for this very process."""
+import os
+
+import pytest
+
+import ownership
+import storage as storage_lib
+
+MOUNTS = """\
+sysfs /sys sysfs rw 0 0
+/dev/sda1 / ext4 rw,relatime 0 0
+server:/export/home /home nfs4 rw,vers=4.2 0 0
+lustre@o2ib:/scratch /scratch lustre rw 0 0
+/dev/sdb1 /scratch/local\\040disk ext4 rw 0 0
+"""
+
+
+@pytest.mark.parametrize("url, psycopg2, expected", [
+    ("postgresql://u@h:5432/db", False, "postgresql+psycopg://u@h:5432/db"),
+    ("postgres://u@h/db", False, "postgresql+psycopg://u@h/db"),
+    ("postgres://u@h/db", True, "postgresql+psycopg://u@h/db"),  # SQLAlchemy refuses postgres://
+    ("postgresql://u@h/db", True, "postgresql://u@h/db"),
+    ("postgresql+psycopg2://u@h/db", False, "postgresql+psycopg2://u@h/db"),
+    ("sqlite:////x/a.db", False, "sqlite:////x/a.db"),
+    ("mysql+pymysql://u@h/db", False, "mysql+pymysql://u@h/db"),
+])
+def test_postgresql_urls_get_the_installed_driver(url, psycopg2, expected):
+    assert storage_lib.driver_url(url, have_psycopg2=psycopg2) == expected
+
+
+def test_file_paths_behind_urls():
+    assert storage_lib.journal_path("journal:///shared/s.log") == "/shared/s.log"
+    assert storage_lib.journal_path("sqlite:///x.db") is None
+    assert str(storage_lib.sqlite_path("sqlite:////abs/dir/s.db")) == "/abs/dir/s.db"
+    assert str(storage_lib.sqlite_path("sqlite:///rel/s.db")) == "rel/s.db"
+    assert storage_lib.sqlite_path("sqlite://") is None
+    assert storage_lib.sqlite_path("postgresql://u@h/db") is None
+
+
+def test_dashboard_command_takes_a_journal_path_not_its_url():
+    assert storage_lib.dashboard_command("journal:///sh ared/s.log") == \
+        "optuna-dashboard '/sh ared/s.log'"
+    assert storage_lib.dashboard_command("sqlite:////c/optuna_study.db") == \
+        "optuna-dashboard sqlite:////c/optuna_study.db"
+    assert storage_lib.dashboard_command("postgresql://u@h/db").startswith(
+        "optuna-dashboard postgresql")
+
+
+def test_mount_of_picks_the_deepest_mount_and_decodes_spaces():
+    assert storage_lib.mount_of("/home/ana/c/optuna_study.db", MOUNTS) == ("/home", "nfs4")
+    assert storage_lib.mount_of("/scratch/local disk/s.db", MOUNTS) == ("/scratch/local disk",
+                                                                       "ext4")
+    assert storage_lib.mount_of("/scratch/x.db", MOUNTS) == ("/scratch", "lustre")
+    assert storage_lib.mount_of("/homework/x.db", MOUNTS) == ("/", "ext4")
+
+
+@pytest.mark.parametrize("url, warned", [
+    ("sqlite:////home/ana/c/optuna_study.db", "nfs4"),
+    ("sqlite:////scratch/run/optuna_study.db", "lustre"),
+    ("sqlite:////scratch/local disk/s.db", None),
+    ("sqlite:////tmp/s.db", None),
+    ("postgresql://u@h/db", None),
+    ("journal:////home/ana/s.log", None),
+])
+def test_sqlite_on_a_network_file_system_is_warned_about(url, warned):
+    warning = storage_lib.network_filesystem_warning(url, MOUNTS)
+    if warned is None:
+        assert warning is None
+    else:
+        assert warned in warning and "postgresql://" in warning and "journal:///" in warning
+
+
+def test_heartbeat_interval_is_a_quarter_of_the_grace_at_most_20_s():
+    assert [storage_lib.heartbeat_interval_s(g) for g in (5, 8, 40, 90, 600)] == [1, 2, 10, 20, 20]
+
+
+def test_an_unreachable_database_is_a_usage_error():
+    with pytest.raises(storage_lib.UsageError, match="cannot be opened"):
+        storage_lib.make_storage("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_this_process_is_alive_and_judged_by_its_start_time():
+    here = ownership.Host.current()
+    attrs = ownership.owner_attrs(here, run="r", worker="cpu0")
+    assert attrs["pid"] == os.getpid() and attrs["pid_start"] > 0
+    assert ownership.judge(attrs, here) == ownership.Verdict.ALIVE
+    assert ownership.judge({**attrs, "pid_start": attrs["pid_start"] + 1}, here) == \
+        ownership.Verdict.DEAD  # same pid, another process: the pid was reused
+    assert ownership.judge({**attrs, "host": "elsewhere"}, here) == ownership.Verdict.UNKNOWN
+    assert ownership.judge({**attrs, "pid_start": None}, here) == ownership.Verdict.UNKNOWN
+    assert ownership.process_start(2 ** 22 + 1) is None
+
+
+def test_run_ids_and_log_safe_host_names():
+    host = ownership.Host(name="gpu-node_07.cluster", boot_id="b")
+    assert ownership.run_id(host, pid=42, started=0).startswith("gpu-node_07.cluster/42/19")
+    assert ownership.safe_host("gpu-node_07.cluster") == "gpu-node-07.cluster"
+    assert ownership.safe_host("/..") == "host"
