@@ -44,6 +44,25 @@ def test_exit_code_is_zero_only_when_the_budget_was_reached(finished, usage, sig
     assert ps.final_exit_code(finished, 24, usage, sig) == code
 
 
+def test_leaving_the_rest_to_other_launchers_is_a_success():
+    assert ps.final_exit_code(10, 14, False, None, left_to_others=True) == 0
+    assert ps.final_exit_code(10, 14, False, signal.SIGTERM, left_to_others=True) == 143
+
+
+@pytest.mark.parametrize("finished, running, restartable, no_wait, step", [
+    (14, 0, 2, False, "finished"),
+    (12, 2, 2, False, "wait"),      # the budget is taken by other launchers' trials
+    (12, 2, 2, True, "leave"),
+    (11, 2, 2, False, "restart"),   # one of theirs failed or its launcher died: take it over
+    (11, 2, 0, False, "wait"),      # no worker of ours can take it: theirs may
+    (11, 0, 0, False, "stuck"),     # nothing runs anywhere and we cannot start a trial
+    (11, 0, 0, True, "stuck"),
+])
+def test_what_a_launcher_does_once_its_workers_are_done(finished, running, restartable,
+                                                         no_wait, step):
+    assert ps.after_workers(finished, running, 14, restartable, no_wait) == step
+
+
 @pytest.mark.parametrize("to_run, workers, text", [(24, 4, "6"), (10, 4, "2-3"), (2, 4, "0-1")])
 def test_trials_per_worker(to_run, workers, text):
     assert ps.trials_per_worker(to_run, workers) == text

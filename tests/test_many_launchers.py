@@ -60,6 +60,31 @@ def test_no_wait_leaves_the_rest_to_the_other_launcher_and_exits_0(tmp_path, run
     assert len(by_state(trials(ckpt), TrialState.COMPLETE)) == 2
 
 
+def test_a_waiting_launcher_takes_over_the_trial_of_a_launcher_killed_on_its_host(tmp_path,
+                                                                                    runs):
+    ckpt = tmp_path / "c"
+    flags = ["--n_trials", "2", "--cpu_workers", "1"]
+    doomed = runs(ckpt, flags, sleep=120, out=tmp_path / "a.out")
+    doomed.wait_until_started(1)
+    waiter = runs(ckpt, flags, sleep=0.5, out=tmp_path / "b.out")
+    deadline = time.monotonic() + 60
+    while "waiting for 1 trial(s)" not in waiter.output():
+        assert waiter.proc.poll() is None and time.monotonic() < deadline, waiter.output()
+        time.sleep(0.2)
+    for pid in [*_descendants_by_env(doomed.proc.pid), doomed.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    doomed.proc.wait()
+    t0 = time.monotonic()
+    assert waiter.wait(60) == 0, waiter.output()
+    assert time.monotonic() - t0 < 20  # judged by pid at once, not after a heartbeat grace
+    assert "restarting worker cpu0" in waiter.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 2
+    (dead,) = by_state(ts, TrialState.FAIL)
+    assert dead.user_attrs["fail_reason"] == "crashed"
+    assert any(t.user_attrs.get("resumed_from") == dead.number for t in ts)
+
+
 def _two_nodes(runs, tmp_path, url, folders, n_trials=14, sleep=1.0, extra=()):
     flags = ["--n_trials", str(n_trials), "--cpu_workers", "2", "--storage", url, *extra]
     return [runs(folder, flags, sleep=sleep, host=f"node{i}", out=tmp_path / f"node{i}.out")
