@@ -11,13 +11,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 MODEL_CHOICES = ("small", "convnext", "vit")
 STUDY_DB_NAME = "optuna_study.db"
 DEFAULT_STUDY_NAME = "writer_id_search"
 # Below this, a heartbeat delayed by a busy database could make a live trial look dead.
 MIN_HEARTBEAT_GRACE_S = 5
+# `--storage env:NAME` reads the URL from the environment; the launcher hands the URL to its
+# workers this way (a password in a URL must never be on a command line: `ps` shows those).
+STORAGE_ENV_PREFIX = "env:"
+CHILD_STORAGE_VAR = "PARALLEL_SEARCH_STORAGE"
 # What a trial of the built-in objective measures (metrics.json keys and trial user attributes).
 METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
                "val_page_cls_acc")
@@ -71,9 +75,57 @@ class SearchConfig:
         return self.objective is None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready copy (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready copy (tuples become lists), safe to write: the storage's password hidden."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d["storage"] = redact_url(self.storage) if self.storage else None
+        return d
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden: postgresql://user:***@host:5432/db (pure).
+
+    The one rule for every place that shows a storage URL: banner, logs, report, errors, files.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, question, query = rest.partition("?")
+    userinfo, at, host_and_path = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.split(':', 1)[0]}:***@{host_and_path}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
+    return f"{scheme}{sep}{head}{question}{query}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords written in a URL, as typed: after 'user:' and in 'password=' (pure)."""
+    found = []
+    scheme, sep, rest = url.partition("://")
+    head, _, query = rest.partition("?")
+    userinfo, at, _ = head.rpartition("@")
+    if sep and at and ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    found += re.findall(r"(?i)(?:^|&)password=([^&]*)", query)
+    return [secret for secret in found if secret]
+
+
+def without_password(url: str) -> str:
+    """The URL with no password at all, for commands to copy (libpq then reads ~/.pgpass or
+    PGPASSWORD) (pure)."""
+    bare = redact_url(url).replace(":***@", "@", 1)
+    return re.sub(r"(?i)([?&])password=\*\*\*(&|$)", lambda m: m.group(1) if m.group(2) else "",
+                  bare).rstrip("?&")
+
+
+def resolve_storage(spec: str | None, environ: Mapping[str, str]) -> str | None:
+    """`--storage` as given: a URL, or env:NAME naming the environment variable that holds one."""
+    if spec is None or not spec.startswith(STORAGE_ENV_PREFIX):
+        return spec
+    name = spec[len(STORAGE_ENV_PREFIX):]
+    url = environ.get(name, "").strip() if name else ""
+    _check(bool(url), f"--storage {spec}: the environment variable {name or '(none)'} is not set;"
+           f" export {name or 'NAME'}=postgresql://USER@HOST:PORT/DB first")
+    return url
 
 
 def default_storage_url(checkpoint_dir: str | os.PathLike) -> str:
@@ -120,8 +172,9 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
       f"pages per writer, a fixed deterministic subset (default: {d.max_val_pages_per_writer})")
     a("--lines_per_writer", type=int, default=d.lines_per_writer, help="training lines drawn per "
       f"writer each epoch (default: {d.lines_per_writer})")
-    a("--storage", default=None, help="Optuna storage URL (default: sqlite:///CHECKPOINT_DIR/"
-      f"{STUDY_DB_NAME})")
+    a("--storage", default=None, help="Optuna storage URL, or env:NAME to read it from the "
+      "environment variable NAME (keeps a password off the command line) (default: "
+      f"sqlite:///CHECKPOINT_DIR/{STUDY_DB_NAME})")
     a("--study_name", default=d.study_name, help=f"study name (default: {d.study_name})")
     a("--objective", default=None, help="custom objective path/to/file.py:NAME or package.module:NAME,"
       " called as NAME(trial, trial_dir) -> float (default: the built-in writer-identification "
@@ -138,8 +191,10 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 _OBJECTIVE_RE = re.compile(r"^(?:.+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*$")
 
 
-def config_from_args(ns: argparse.Namespace) -> SearchConfig:
-    """Validate parsed flags and build the frozen config; raise UsageError naming the bad value."""
+def config_from_args(ns: argparse.Namespace,
+                     environ: Mapping[str, str] | None = None) -> SearchConfig:
+    """Validate parsed flags and build the frozen config; raise UsageError naming the bad value.
+    `environ` (default: this process's) resolves `--storage env:NAME`."""
     models = tuple(m.strip() for m in str(ns.models).split(",") if m.strip())
     _check(bool(models), f"--models {ns.models!r} names no model; use a comma list of "
            f"{','.join(MODEL_CHOICES)}")
@@ -182,14 +237,18 @@ def config_from_args(ns: argparse.Namespace) -> SearchConfig:
         batch_size=ns.batch_size, img_height=ns.img_height, img_width=ns.img_width, models=models,
         seed=ns.seed, no_pretrained=bool(ns.no_pretrained), num_workers=ns.num_workers,
         max_val_pages_per_writer=ns.max_val_pages_per_writer,
-        lines_per_writer=ns.lines_per_writer, storage=ns.storage, study_name=ns.study_name,
+        lines_per_writer=ns.lines_per_writer,
+        storage=resolve_storage(ns.storage, os.environ if environ is None else environ),
+        study_name=ns.study_name,
         objective=ns.objective, direction=ns.direction,
         cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None,
         heartbeat_grace=ns.heartbeat_grace)
 
 
 def config_to_argv(cfg: SearchConfig) -> list[str]:
-    """The flags that rebuild `cfg` in a worker process (inverse of config_from_args)."""
+    """The flags that rebuild `cfg` in a worker process (inverse of config_from_args, given the
+    environment of `child_env`): the storage URL travels in the environment, not on the command
+    line."""
     argv = ["--checkpoint_dir", cfg.checkpoint_dir, "--n_trials", str(cfg.n_trials)]
     if cfg.data_root is not None:
         argv += ["--data_root", cfg.data_root]
@@ -204,10 +263,22 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
     argv += ["--models", ",".join(cfg.models)]
     if cfg.no_pretrained:
         argv.append("--no_pretrained")
-    for flag in ("storage", "objective", "cache_dir"):
+    argv += storage_argv(cfg)
+    for flag in ("objective", "cache_dir"):
         if getattr(cfg, flag) is not None:
             argv += [f"--{flag}", str(getattr(cfg, flag))]
     return argv
+
+
+def storage_argv(cfg: SearchConfig) -> list[str]:
+    """`--storage` for a child process: a pointer to `child_env`, never the URL itself (pure)."""
+    return ["--storage", STORAGE_ENV_PREFIX + CHILD_STORAGE_VAR] if cfg.storage is not None else []
+
+
+def child_env(cfg: SearchConfig) -> dict[str, str]:
+    """What a child process started with `config_to_argv(cfg)` needs in its environment: the
+    storage URL (an environment is readable only by its user, a command line by everyone)."""
+    return {CHILD_STORAGE_VAR: cfg.storage} if cfg.storage is not None else {}
 
 
 def _check(ok: bool, message: str) -> None:

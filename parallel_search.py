@@ -12,6 +12,13 @@ and it loads optuna (and numpy) only once it runs, single-threaded (see `limit_o
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # first of all: a password typed in --storage leaves `ps` at once
+    import cmdline
+
+    cmdline.hide_url_passwords(sys.argv[1:])
+
 import argparse
 import contextlib
 import dataclasses
@@ -21,7 +28,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -29,7 +35,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import devices
 import ownership
 import progress
-from config import SearchConfig, UsageError, add_search_args, config_from_args, config_to_argv
+from config import (SearchConfig, UsageError, add_search_args, child_env, config_from_args,
+                    config_to_argv, redact_url, storage_argv)
 from workers import Controller, Exit, Interrupts, Worker, run_child
 
 if TYPE_CHECKING:  # loaded in launch(), after the launcher has limited its BLAS threads
@@ -168,6 +175,7 @@ def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp:
     threads = devices.threads_per_worker(n_cores, len(slots))
     argv = worker_argv(cfg, devices.loader_processes(cfg.num_workers, threads))
     log_dir = Path(cfg.checkpoint_dir) / "logs"
+    environ = {**environ, **child_env(cfg)}
     return [Worker(slot=slot, argv=list(argv),
                    env=devices.worker_env(environ, slot, len(slots), parent_pid, threads, run),
                    log_path=log_dir / log_name(f"worker_{slot.label}", host, stamp))
@@ -186,8 +194,9 @@ def _echo(line: str) -> None:
 def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupts) -> int:
     """Run the worker once with --prepare_only: index data, build the cache, check weights,
     create or load the study and check its settings, before any worker starts."""
-    env = {**environ, "PARALLEL_SEARCH_WORKER": "prepare", "PARALLEL_SEARCH_MANAGED": "1",
-           "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+    env = {**environ, **child_env(cfg), "PARALLEL_SEARCH_WORKER": "prepare",
+           "PARALLEL_SEARCH_MANAGED": "1", "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()),
+           "PYTHONUNBUFFERED": "1"}
     logger.info("Preparing: data, image cache, pretrained weights, study")
     code = run_child([sys.executable, str(WORKER_SCRIPT), *config_to_argv(cfg), "--prepare_only"],
                      env, interrupts, echo=_echo)
@@ -208,13 +217,13 @@ def summarize(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interru
         logger.info("No summarize.py next to the launcher: summary skipped")
         return
     logger.info("Summarizing results into %s", cfg.checkpoint_dir)
-    code = run_child([sys.executable, str(SUMMARY_SCRIPT), "--checkpoint_dir", cfg.checkpoint_dir,
-                      "--storage", cfg.storage_url, "--study_name", cfg.study_name],
-                     environ, interrupts, echo=_echo)
+    argv = [sys.executable, str(SUMMARY_SCRIPT), "--checkpoint_dir", cfg.checkpoint_dir,
+            "--study_name", cfg.study_name, *storage_argv(cfg)]
+    code = run_child(argv, {**environ, **child_env(cfg)}, interrupts, echo=_echo)
     if code != 0:
         logger.warning("Summary failed (exit code %d); rerun it with: %s", code, shlex.join(
             [sys.executable, str(SUMMARY_SCRIPT), "--checkpoint_dir", cfg.checkpoint_dir,
-             "--storage", cfg.storage_url, "--study_name", cfg.study_name]))
+             "--study_name", cfg.study_name, "--storage", redact_url(cfg.storage_url)]))
 
 
 def ensure_demo_data(ns: argparse.Namespace) -> None:
@@ -282,7 +291,7 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
         f"Checkpoint dir: {cfg.checkpoint_dir}",
         f"Data root: {cfg.data_root or '(not used by this objective)'}",
         f"Objective: {cfg.objective or 'built-in writer identification'} ({cfg.direction})",
-        f"Study: {cfg.study_name} in {cfg.storage_url}",
+        f"Study: {cfg.study_name} in {redact_url(cfg.storage_url)}",
         f"Host: {host or socket.gethostname()} (other launchers may share the study and its "
         "budget)",
         RULE])
@@ -492,7 +501,8 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     elif code != 0:
         why = {130: "interrupted", 143: "terminated"}.get(code, "not all trials finished")
         lines += [f"Search stopped ({why}, exit code {code}). Rerun the same command to resume:",
-                  "  " + shlex.join([sys.executable, _script_path(), *user_argv])]
+                  "  " + shlex.join([sys.executable, _script_path(),
+                                     *(redact_url(arg) for arg in user_argv)])]
     lines.append(RULE)
     say(run.status, "\n".join(lines))
     return code

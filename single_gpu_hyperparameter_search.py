@@ -125,7 +125,7 @@ def prepare(cfg: SearchConfig, who: WorkerIdentity) -> Prepared:
         load_objective(cfg.objective)
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
     study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers),
-                                      cfg.storage_url)
+                                      config.redact_url(cfg.storage_url))
     study_lib.check_or_store_heartbeat(study, cfg.heartbeat_grace)
     if cfg.builtin_objective:
         writer_objective.build_cache(cfg)

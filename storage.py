@@ -29,7 +29,7 @@ from typing import Iterator
 import optuna
 
 import locks
-from config import SearchConfig, UsageError
+from config import SearchConfig, UsageError, redact_url, url_secrets, without_password
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
 def _cannot_open(url: str, exc: Exception) -> UsageError:
     """The one-line error for a storage that cannot be opened."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UsageError(f"--storage {url!r} cannot be opened ({reason}); use sqlite:///FILE, "
+    for secret in url_secrets(url):
+        reason = reason.replace(secret, "***")
+    return UsageError(f"--storage {redact_url(url)!r} cannot be opened ({reason}); use sqlite:///FILE, "
                       "postgresql://USER@HOST:PORT/DB or journal:///FILE")
 
 
@@ -151,7 +153,7 @@ def budget_lock(study: optuna.Study, url: str) -> Iterator[None]:
         return
     db = sqlite_path(url)
     if db is None:
-        raise UsageError(f"--storage {url!r}: no budget lock for this storage; use a SQLite file, "
+        raise UsageError(f"--storage {redact_url(url)!r}: no budget lock for this storage; use a SQLite file, "
                          "PostgreSQL, MySQL or journal:///FILE")
     with locks.file_lock(db.with_name(db.name + ".budget.lock")):
         yield
@@ -183,9 +185,15 @@ def _database_lock(backend: optuna.storages.RDBStorage, study_name: str) -> Iter
 # ---------------------------------------------------------------- what the user is told
 
 def dashboard_command(url: str) -> str:
-    """How to open this storage in optuna-dashboard: an RDB URL, or a journal's plain path (pure)."""
+    """How to open this storage in optuna-dashboard: an RDB URL, or a journal's plain path (pure).
+
+    Never with a password: the dashboard's libpq reads it from ~/.pgpass or PGPASSWORD.
+    """
     path = journal_path(url)
-    return f"optuna-dashboard {shlex.quote(path if path is not None else driver_url(url))}"
+    command = f"optuna-dashboard {shlex.quote(path if path is not None else without_password(driver_url(url)))}"
+    if url_secrets(url):
+        command += "   (password from ~/.pgpass or PGPASSWORD, not the command line)"
+    return command
 
 
 def mount_of(path: str, mounts: str) -> tuple[str, str] | None:

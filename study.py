@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import ownership
 import storage as storage_lib
-from config import SearchConfig, UsageError
+from config import SearchConfig, UsageError, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
         existing = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=pruner)
     except KeyError:
         if not create:
-            raise UsageError(f"no study {cfg.study_name!r} in {cfg.storage_url}; run the search "
+            raise UsageError(f"no study {cfg.study_name!r} in {redact_url(cfg.storage_url)}; run the search "
                              "once to create it, or pass the right --study_name") from None
         existing = None
     if existing is not None and existing.direction.name.lower() != cfg.direction:

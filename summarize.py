@@ -10,13 +10,20 @@ on the held-out test split (built-in objective only).
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # first of all: a password typed in --storage leaves `ps` at once
+    import cmdline
+
+    cmdline.hide_url_passwords(sys.argv[1:])
+
 import argparse
 import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +40,7 @@ import storage as storage_lib
 import study as study_lib
 import summary_plots as plots
 from config import (DEFAULT_STUDY_NAME, STUDY_DB_NAME, TRIAL_RESULT_KEYS, UsageError,
-                    default_storage_url, trial_dir)
+                    default_storage_url, redact_url, resolve_storage, trial_dir)
 
 logger = logging.getLogger("summarize")
 
@@ -66,8 +73,9 @@ class Snapshot:
 # ---------------------------------------------------------------- opening the study
 
 def resolve_storage_url(checkpoint_dir: Path, storage: str | None) -> str:
-    """`--storage`, else the SQLite file the search writes inside the checkpoint folder."""
-    return storage or default_storage_url(checkpoint_dir)
+    """`--storage` (a URL or env:NAME), else the SQLite file the search writes inside the
+    checkpoint folder."""
+    return resolve_storage(storage, os.environ) or default_storage_url(checkpoint_dir)
 
 
 def _check_storage_exists(url: str) -> None:
@@ -85,15 +93,15 @@ def pick_study_name(names: Sequence[str], wanted: str | None, url: str) -> str:
     """`--study_name`, else the only study in the storage, else the default name (pure)."""
     if wanted is not None:
         if wanted not in names:
-            raise UsageError(f"no study {wanted!r} in {url}; it holds {sorted(names)}")
+            raise UsageError(f"no study {wanted!r} in {redact_url(url)}; it holds {sorted(names)}")
         return wanted
     if len(names) == 1:
         return names[0]
     if DEFAULT_STUDY_NAME in names:
         return DEFAULT_STUDY_NAME
     if not names:
-        raise UsageError(f"{url} holds no study; run the search first")
-    raise UsageError(f"{url} holds {len(names)} studies {sorted(names)}; pick one with "
+        raise UsageError(f"{redact_url(url)} holds no study; run the search first")
+    raise UsageError(f"{redact_url(url)} holds {len(names)} studies {sorted(names)}; pick one with "
                      "--study_name")
 
 
@@ -346,7 +354,7 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
     counts = study_lib.count_trials(snap.trials, snap.direction)
     wall, device_hours = time_stats(snap.trials)
     lines = [f"# Search summary: study `{snap.study_name}`", "",
-             f"Snapshot of {snap.taken_at:%Y-%m-%d %H:%M:%S} from `{snap.storage_url}`; "
+             f"Snapshot of {snap.taken_at:%Y-%m-%d %H:%M:%S} from `{redact_url(snap.storage_url)}`; "
              f"goal: {snap.direction} {snap.metric}.", "", "## Trials", "",
              f"- {len(snap.trials)} trial{'' if len(snap.trials) == 1 else 's'}: "
              f"{counts.complete} complete, {counts.pruned} pruned, "
@@ -475,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "for a hyperparameter search (safe while it runs).")
     parser.add_argument("--checkpoint_dir", required=True, help="the search's checkpoint folder "
                         "(required)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: "
+    parser.add_argument("--storage", default=None, help="Optuna storage URL, or env:NAME to read "
+                        "it from the environment variable NAME (default: "
                         f"sqlite:///CHECKPOINT_DIR/{STUDY_DB_NAME})")
     parser.add_argument("--study_name", default=None, help="study name (default: the storage's "
                         f"only study, else {DEFAULT_STUDY_NAME})")
@@ -485,7 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 on success, 2 on a missing folder, database or study."""
     ns = build_parser().parse_args(argv)
-    # No force=True: when the launcher calls main() in-process, its logging setup stays.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [summarize pid %(process)d] %(levelname)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)

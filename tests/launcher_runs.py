@@ -35,7 +35,8 @@ def _descendants_by_env(launcher_pid):
 class Run:
     """One launcher process started like a user would, output kept in a file."""
 
-    def __init__(self, ckpt, flags, sleep, env=None, objective=SLEEPY, host=None, out=None):
+    def __init__(self, ckpt, flags, sleep, env=None, objective=SLEEPY, host=None, out=None,
+                 summary=False):
         self.ckpt = Path(ckpt)
         self.out_path = Path(out) if out else self.ckpt.parent / (self.ckpt.name + ".out")
         full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
@@ -43,8 +44,9 @@ class Run:
         with open(self.out_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [*as_host(host), sys.executable, str(ROOT / "parallel_search.py"), "--objective",
-                 f"{objective}:objective", "--checkpoint_dir", str(self.ckpt), "--no_summary",
-                 *flags], env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+                 f"{objective}:objective", "--checkpoint_dir", str(self.ckpt),
+                 *([] if summary else ["--no_summary"]), *flags],
+                env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.started = time.monotonic()
 
     def wait(self, timeout):

@@ -2,13 +2,18 @@ import argparse
 
 import pytest
 
-from config import SearchConfig, UsageError, add_search_args, config_from_args, config_to_argv
+from config import (SearchConfig, UsageError, add_search_args, child_env, config_from_args,
+                    config_to_argv, redact_url, resolve_storage, url_secrets, without_password)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser()
+    add_search_args(parser)
+    return parser
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser()
-    add_search_args(parser)
-    return config_from_args(parser.parse_args(argv))
+    return config_from_args(build_parser().parse_args(argv))
 
 
 def test_argv_round_trip_rebuilds_the_same_config(tmp_path):
@@ -17,8 +22,32 @@ def test_argv_round_trip_rebuilds_the_same_config(tmp_path):
     cfg = parse(["--data_root", str(data), "--checkpoint_dir", str(tmp_path / "c"), "--n_trials",
                  "5", "--num_writers_subset", "3", "--models", "small,vit", "--no_pretrained",
                  "--storage", "sqlite:///x.db", "--epochs", "7"])
-    assert parse(config_to_argv(cfg)) == cfg
+    argv = config_to_argv(cfg)
+    assert "sqlite:///x.db" not in argv  # a URL may hold a password: it goes in the environment
+    assert config_from_args(build_parser().parse_args(argv), environ=child_env(cfg)) == cfg
     assert cfg.models == ("small", "vit") and cfg.epochs == 7
+
+
+def test_storage_from_the_environment_and_urls_shown_without_passwords():
+    env = {"OPTUNA_STORAGE": "postgresql://ana:s3cr%40t@db.cluster:5432/search"}
+    assert resolve_storage("env:OPTUNA_STORAGE", env) == env["OPTUNA_STORAGE"]
+    assert resolve_storage("sqlite:///x.db", {}) == "sqlite:///x.db"
+    with pytest.raises(UsageError, match="OPTUNA_STORAGE is not set; export OPTUNA_STORAGE="):
+        resolve_storage("env:OPTUNA_STORAGE", {})
+    with pytest.raises(UsageError, match="not set"):
+        resolve_storage("env:", env)
+    url = env["OPTUNA_STORAGE"]
+    assert redact_url(url) == "postgresql://ana:***@db.cluster:5432/search"
+    assert without_password(url) == "postgresql://ana@db.cluster:5432/search"
+    assert url_secrets(url) == ["s3cr%40t"]
+    query = "postgresql://ana@h/db?sslmode=require&password=pw&x=1"
+    assert redact_url(query) == "postgresql://ana@h/db?sslmode=require&password=***&x=1"
+    assert without_password(query) == "postgresql://ana@h/db?sslmode=require&x=1"
+    assert url_secrets(query) == ["pw"]
+    for plain in ("sqlite:////a/b.db", "journal:///x.log", "postgresql://ana@h/db"):
+        assert redact_url(plain) == plain and url_secrets(plain) == []
+    cfg = SearchConfig(data_root=None, checkpoint_dir="/c", n_trials=1, storage=url)
+    assert cfg.to_dict()["storage"] == "postgresql://ana:***@db.cluster:5432/search"
 
 
 def test_default_storage_is_sqlite_in_the_checkpoint_dir(tmp_path):

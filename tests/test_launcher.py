@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 import devices
 import parallel_search as ps
 import progress
-from config import SearchConfig, config_from_args
+from config import SearchConfig, child_env, config_from_args
 from study import Counts
 from workers import Controller, Worker, backoff_s
 
@@ -81,8 +81,10 @@ def test_worker_argv_rebuilds_the_same_config_with_capped_loaders(tmp_path):
                        num_workers=8, models=("small",), storage="sqlite:////x y.db")
     argv = ps.worker_argv(cfg, loaders=1, python="py")
     assert argv[:2] == ["py", str(ps.WORKER_SCRIPT)]
+    assert "sqlite:////x y.db" not in argv  # the storage URL travels in the environment
     ns = ps.build_parser().parse_args(argv[2:])
-    assert config_from_args(ns) == SearchConfig(**{**cfg.__dict__, "num_workers": 1})
+    assert config_from_args(ns, environ=child_env(cfg)) == \
+        SearchConfig(**{**cfg.__dict__, "num_workers": 1})
 
 
 def test_build_workers_pins_each_worker_to_the_parents_id(tmp_path):
