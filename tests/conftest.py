@@ -8,4 +8,4 @@ if str(ROOT) not in sys.path:
 
 # Fixtures shared by several modules: launchers run as a user would, and real servers started for
 # the session (a throw-away PostgreSQL, a one-machine SLURM).
-pytest_plugins = ["launcher_runs", "pg_server"]
+pytest_plugins = ["launcher_runs", "pg_server", "slurm_cluster"]
