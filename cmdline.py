@@ -29,7 +29,7 @@ def hide_in_own_cmdline(secret: str) -> bool:
         return False
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48, 49 of proc(5)
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5): 48, 49)
         current = Path("/proc/self/cmdline").read_bytes()
     except (OSError, IndexError, ValueError):
         return False

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 import shlex
 import time
@@ -93,7 +94,7 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
     warnings.filterwarnings("ignore", message=".*grace_period.*experimental")
     import sqlalchemy.exc
 
-    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+    for attempt in itertools.count():
         try:
             return optuna.storages.RDBStorage(
                 driver_url(url), engine_kwargs=engine_kwargs,
@@ -102,13 +103,12 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             # Launchers of several nodes that start at once on a new database all create
             # Optuna's tables; the losers of that race see a duplicate and simply open them.
-            if attempt == SCHEMA_RACE_RETRIES:
+            if attempt >= SCHEMA_RACE_RETRIES:
                 raise _cannot_open(url, exc) from exc
             time.sleep(0.2 * (attempt + 1))
         except (ImportError, ValueError, optuna.exceptions.StorageInternalError,
                 sqlalchemy.exc.SQLAlchemyError) as exc:
             raise _cannot_open(url, exc) from exc
-    raise AssertionError("unreachable")
 
 
 def _cannot_open(url: str, exc: Exception) -> UsageError:
@@ -116,8 +116,8 @@ def _cannot_open(url: str, exc: Exception) -> UsageError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     for secret in url_secrets(url):
         reason = reason.replace(secret, "***")
-    return UsageError(f"--storage {redact_url(url)!r} cannot be opened ({reason}); use sqlite:///FILE, "
-                      "postgresql://USER@HOST:PORT/DB or journal:///FILE")
+    return UsageError(f"--storage {redact_url(url)!r} cannot be opened ({reason}); use "
+                      "sqlite:///FILE, postgresql://USER@HOST:PORT/DB or journal:///FILE")
 
 
 def rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
@@ -153,8 +153,8 @@ def budget_lock(study: optuna.Study, url: str) -> Iterator[None]:
         return
     db = sqlite_path(url)
     if db is None:
-        raise UsageError(f"--storage {redact_url(url)!r}: no budget lock for this storage; use a SQLite file, "
-                         "PostgreSQL, MySQL or journal:///FILE")
+        raise UsageError(f"--storage {redact_url(url)!r}: no budget lock for this storage; use a "
+                         "SQLite file, PostgreSQL, MySQL or journal:///FILE")
     with locks.file_lock(db.with_name(db.name + ".budget.lock")):
         yield
 
@@ -190,7 +190,8 @@ def dashboard_command(url: str) -> str:
     Never with a password: the dashboard's libpq reads it from ~/.pgpass or PGPASSWORD.
     """
     path = journal_path(url)
-    command = f"optuna-dashboard {shlex.quote(path if path is not None else without_password(driver_url(url)))}"
+    target = path if path is not None else without_password(driver_url(url))
+    command = f"optuna-dashboard {shlex.quote(target)}"
     if url_secrets(url):
         command += "   (password from ~/.pgpass or PGPASSWORD, not the command line)"
     return command

@@ -68,8 +68,9 @@ def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
         existing = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=pruner)
     except KeyError:
         if not create:
-            raise UsageError(f"no study {cfg.study_name!r} in {redact_url(cfg.storage_url)}; run the search "
-                             "once to create it, or pass the right --study_name") from None
+            raise UsageError(f"no study {cfg.study_name!r} in {redact_url(cfg.storage_url)}; run "
+                             "the search once to create it, or pass the right --study_name"
+                             ) from None
         existing = None
     if existing is not None and existing.direction.name.lower() != cfg.direction:
         raise SettingsMismatch(f"the study {cfg.study_name!r} is set to "
@@ -204,7 +205,7 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig,
             logger.info("Trial %d (%s) runs again as a new trial with the same hyperparameters",
                         retry.number, retry.user_attrs.get("fail_reason", "stale"))
         trial = study.ask()
-    if trial.user_attrs.get("pid") != owner["pid"]:
+    if any(trial.user_attrs.get(key) != value for key, value in owner.items()):
         # ask() took an older queued trial (one a user enqueued by hand): make it ours.
         for key, value in owner.items():
             trial.set_user_attr(key, value)
