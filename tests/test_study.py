@@ -217,11 +217,12 @@ def _race(args):
     return done
 
 
-@pytest.mark.parametrize("url", ["sqlite", "journal"])
-def test_budget_holds_exactly_when_processes_of_different_folders_race(tmp_path, url):
+@pytest.mark.parametrize("url", ["sqlite", "journal", "postgresql"])
+def test_budget_holds_exactly_when_processes_of_different_folders_race(tmp_path, url, request):
     # The lock belongs to the storage, not to a checkpoint folder: each racer has its own folder.
-    storage = (f"sqlite:///{tmp_path / 'shared.db'}" if url == "sqlite"
-               else f"journal:///{tmp_path / 'shared.log'}")
+    storage = {"sqlite": lambda: f"sqlite:///{tmp_path / 'shared.db'}",
+               "journal": lambda: f"journal:///{tmp_path / 'shared.log'}",
+               "postgresql": lambda: request.getfixturevalue("postgres_url")}[url]()
     study_lib.open_study(_cfg(tmp_path, storage=storage))  # created once, before the racers
     with mp.get_context("fork").Pool(6) as pool:
         done = pool.map(_race, [(str(tmp_path / f"folder{i}"), storage, 7) for i in range(6)])
