@@ -22,10 +22,10 @@ test: $(STAMP)
 clean-demo:
 	rm -rf demo_data demo_runs
 
-# The servers the cluster tests start themselves (a PostgreSQL cluster, a one-machine SLURM);
+# The servers the cluster tests start themselves (PostgreSQL, MariaDB, a one-machine SLURM);
 # without them those tests are skipped with the reason. Debian/Ubuntu, as root.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql slurm-wlm munge; } \
-		|| echo "system-deps: install failed; the PostgreSQL and SLURM tests will be skipped"; \
-	else echo "system-deps: needs root and apt-get; the PostgreSQL and SLURM tests will be skipped"; fi
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql mariadb-server slurm-wlm munge; } \
+		|| echo "system-deps: install failed; the database and SLURM tests will be skipped"; \
+	else echo "system-deps: needs root and apt-get; the database and SLURM tests will be skipped"; fi

@@ -7,5 +7,5 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Fixtures shared by several modules: launchers run as a user would, and real servers started for
-# the session (a throw-away PostgreSQL, a one-machine SLURM).
-pytest_plugins = ["launcher_runs", "pg_server", "slurm_cluster"]
+# the session (throw-away PostgreSQL and MariaDB servers, a one-machine SLURM).
+pytest_plugins = ["launcher_runs", "mysql_server", "pg_server", "slurm_cluster"]

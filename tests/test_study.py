@@ -217,12 +217,13 @@ def _race(args):
     return done
 
 
-@pytest.mark.parametrize("url", ["sqlite", "journal", "postgresql"])
+@pytest.mark.parametrize("url", ["sqlite", "journal", "postgresql", "mysql"])
 def test_budget_holds_exactly_when_processes_of_different_folders_race(tmp_path, url, request):
     # The lock belongs to the storage, not to a checkpoint folder: each racer has its own folder.
     storage = {"sqlite": lambda: f"sqlite:///{tmp_path / 'shared.db'}",
                "journal": lambda: f"journal:///{tmp_path / 'shared.log'}",
-               "postgresql": lambda: request.getfixturevalue("postgres_url")}[url]()
+               "postgresql": lambda: request.getfixturevalue("postgres_url"),
+               "mysql": lambda: request.getfixturevalue("mysql_url")}[url]()
     study_lib.open_study(_cfg(tmp_path, storage=storage))  # created once, before the racers
     with mp.get_context("fork").Pool(6) as pool:
         done = pool.map(_race, [(str(tmp_path / f"folder{i}"), storage, 7) for i in range(6)])
