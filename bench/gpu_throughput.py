@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model as model_lib  # noqa: E402
-from train import amp_settings  # noqa: E402
+from psearch.writer_id import model as model_lib  # noqa: E402
+from psearch.writer_id.train import amp_settings  # noqa: E402
 
 
 def images_per_second(model_type: str, amp: bool, args: argparse.Namespace) -> tuple[float, float]:

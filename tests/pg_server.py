@@ -39,6 +39,7 @@ class PostgresServer:
 
     def _admin(self, statement: str) -> None:
         import psycopg
+
         # CREATE/DROP DATABASE cannot run inside a transaction, hence autocommit
         with psycopg.connect(host=self.host, port=self.port, user="postgres", dbname="postgres",
                              autocommit=True) as conn:

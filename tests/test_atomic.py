@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-import atomic
+from psearch.engine import atomic
 
 
 def test_write_json_replaces_whole_file_and_leaves_no_temporaries(tmp_path):

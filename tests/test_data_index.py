@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import config
-import data_index as di
-from data_index import DataError
+from psearch.engine.errors import UsageError
+from psearch.writer_id import data_index as di
+from psearch.writer_id.data_index import DataError
 
 
 def img(path: Path) -> Path:
@@ -27,7 +27,7 @@ def lines(page: Path, n: int = 2, ext: str = ".png") -> None:
 
 
 def test_data_error_is_a_usage_error():
-    assert issubclass(DataError, config.UsageError)
+    assert issubclass(DataError, UsageError)
 
 
 def test_split_layout_with_books_odd_names_and_mixed_extensions(tmp_path):

@@ -5,14 +5,11 @@ import os
 from collections import Counter
 
 import numpy as np
-import pytest
 import torch
-from PIL import Image
 
-import data_index
-import dataset as ds
-from image_cache import ImageCache
-from synthetic import make_synthetic
+from psearch.writer_id import data_index, dataset as ds
+from psearch.writer_id.image_cache import ImageCache
+from psearch.writer_id.synthetic import make_synthetic
 
 
 def labels_of(sizes: list[int]) -> np.ndarray:
@@ -167,25 +164,3 @@ def test_make_datasets_on_messy_data(tmp_path):
     rows = set(bundle.train.rows) | set(bundle.val.rows) | set(bundle.test.rows)
     cache = bundle.train.cache
     assert all(cache.ok[r] for r in rows) and len(rows) == len(bundle.train) + 18
-
-
-def test_cli_help_states_every_default(capsys):
-    with pytest.raises(SystemExit):
-        ds.main(["make-synthetic", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--writers", "--pages-per-writer", "--lines-per-page", "--seed", "--height",
-                 "--flat", "--mess"):
-        assert flag in text
-    assert text.count("(default:") >= 7
-
-
-def test_cli_makes_a_flat_data_set_and_rejects_a_used_folder(tmp_path, capsys):
-    out = tmp_path / "flat data"
-    assert ds.main(["make-synthetic", str(out), "--writers", "3", "--pages-per-writer", "2",
-                    "--lines-per-page", "2", "--height", "24", "--flat"]) == 0
-    assert not (out / "train").exists() and len(list(out.glob("*/*/*.png"))) == 12
-    assert data_index.index_dataset(str(out)).auto_split
-    with Image.open(next(out.glob("*/*/*.png"))) as img:
-        assert img.size[1] == 24
-    assert ds.main(["make-synthetic", str(out)]) == 2
-    assert "error:" in capsys.readouterr().err

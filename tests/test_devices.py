@@ -1,9 +1,9 @@
 """Device discovery, pinning and the CPU-core split, with plain data and no GPU."""
 import pytest
 
-import devices
-from config import UsageError
-from devices import WorkerSlot
+from psearch.engine import devices
+from psearch.engine.config import UsageError
+from psearch.engine.devices import WorkerSlot
 
 
 def no_probe():

@@ -12,11 +12,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import ownership
-import study as study_lib
-from config import SearchConfig
-from single_gpu_hyperparameter_search import run_one_trial
-from synthetic import make_synthetic
+from psearch.engine import ownership, study as study_lib
+from psearch.engine.config import SearchConfig
+from psearch.engine.worker import run_one_trial
+from psearch.writer_id.synthetic import make_synthetic
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run on the device machine)")
@@ -31,8 +30,7 @@ def data(tmp_path_factory):
 
 
 def _bundle(data, tmp_path, height, width):
-    import data_index
-    import dataset
+    from psearch.writer_id import data_index, dataset
 
     index = data_index.index_dataset(str(data))
     return dataset.make_datasets(index, index.writers, height, width, tmp_path / "cache", 20, 0, 2)
@@ -41,8 +39,8 @@ def _bundle(data, tmp_path, height, width):
 @pytest.mark.parametrize("model_type, size", [("small", (64, 640)), ("convnext", (64, 640)),
                                               ("vit", (64, 640))])
 def test_amp_training_epoch_on_gpu(data, tmp_path, model_type, size):
-    import model as model_lib
-    from train import Trainer, TrainConfig, amp_settings
+    from psearch.writer_id import model as model_lib
+    from psearch.writer_id.train import TrainConfig, Trainer, amp_settings
 
     device = torch.device("cuda:0")
     on, dtype, scaler = amp_settings(device)

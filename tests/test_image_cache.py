@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_cache as ic
+from psearch.writer_id import image_cache as ic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_unreadable_images_are_skipped_and_reported_once(tmp_path, caplog):
     text = tmp_path / "text.PNG"
     text.write_text("not an image")
     bad = sorted(map(str, (zero, truncated, text)))
-    with caplog.at_level(logging.INFO, logger="image_cache"):
+    with caplog.at_level(logging.INFO, logger="psearch.writer_id.image_cache"):
         cache = ic.build_or_load_cache(paths + bad, 8, 64, tmp_path / "cache")
     assert sorted(p for p, ok in zip(cache.paths, cache.ok) if not ok) == bad
     assert sorted(p for p, _ in cache.failures) == bad
@@ -150,7 +150,7 @@ def test_pool_decoding_matches_single_process(tmp_path, monkeypatch):
 def test_progress_is_logged(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(ic, "PROGRESS_EVERY_S", 0.0)
     paths = write_images(tmp_path, 3)
-    with caplog.at_level(logging.INFO, logger="image_cache"):
+    with caplog.at_level(logging.INFO, logger="psearch.writer_id.image_cache"):
         ic.build_or_load_cache(paths, 8, 64, tmp_path / "cache")
     messages = [r.getMessage() for r in caplog.records]
     assert "Caching line images: 1/3 (33%)" in messages
@@ -182,7 +182,7 @@ def test_stale_temporary_files_of_a_killed_builder_are_removed(tmp_path):
 
 BUILDER = r"""
 import json, sys
-import image_cache as ic
+from psearch.writer_id import image_cache as ic
 calls = []
 real = ic._decode
 ic._decode = lambda *a: calls.append(1) or real(*a)

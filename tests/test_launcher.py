@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-import devices
-import parallel_search as ps
-import progress
-from config import SearchConfig, child_env, config_from_args
-from study import Counts
-from workers import Controller, Worker, backoff_s
+from psearch.engine import devices, launcher as ps, progress
+from psearch.engine.config import SearchConfig, child_env, config_from_args
+from psearch.engine.study import Counts
+from psearch.engine.workers import Controller, Worker, backoff_s
 
 from launcher_runs import ROOT, SLEEPY, _descendants_by_env, by_state, envs, max_overlap, trials
-
 
 # ---------------------------------------------------------------- pure decisions
 
@@ -80,9 +77,9 @@ def test_worker_argv_rebuilds_the_same_config_with_capped_loaders(tmp_path):
     cfg = SearchConfig(data_root=str(tmp_path), checkpoint_dir=str(tmp_path / "c d"), n_trials=24,
                        num_workers=8, models=("small",), storage="sqlite:////x y.db")
     argv = ps.worker_argv(cfg, loaders=1, python="py")
-    assert argv[:2] == ["py", str(ps.WORKER_SCRIPT)]
+    assert argv[:3] == ["py", "-m", ps.WORKER_MODULE]
     assert "sqlite:////x y.db" not in argv  # the storage URL travels in the environment
-    ns = ps.build_parser().parse_args(argv[2:])
+    ns = ps.build_parser().parse_args(argv[3:])
     assert config_from_args(ns, environ=child_env(cfg)) == \
         SearchConfig(**{**cfg.__dict__, "num_workers": 1})
 
@@ -170,7 +167,8 @@ def test_bad_arguments_exit_2_naming_the_value_before_anything_starts(
 
 
 def test_the_launcher_never_imports_torch():
-    code = ("import sys, parallel_search as ps, devices, workers, progress, study\n"
+    code = ("import sys, parallel_search\n"
+            "from psearch.engine import launcher as ps, devices, workers, progress, study\n"
             "ps.build_parser().parse_args(ps.with_demo_defaults(['--demo']))\n"
             "devices.choose_workers(None, None, 1, {}, devices.probe_gpus, cpu_fallback=2)\n"
             "ps.trials_per_worker(24, 4); ps.classify_exit(3)\n"

@@ -5,9 +5,9 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-import losses
-from search_space import suggest_hparams
-from train import is_better, lr_factor
+from psearch.writer_id import losses
+from psearch.writer_id.search_space import suggest_hparams
+from psearch.writer_id.train import is_better, lr_factor
 
 
 def test_focal_with_gamma_zero_is_cross_entropy_and_down_weights_easy_examples():

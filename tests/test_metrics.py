@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-import metrics
+from psearch.writer_id import metrics
 
 
 def unit(deg: float) -> list[float]:

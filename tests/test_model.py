@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import atomic
-import config
-import model
-from model import ModelSpec, build_model
+from psearch.engine.errors import UsageError
+from psearch.writer_id import model
+from psearch.writer_id.model import ModelSpec, build_model
 
 CONVNEXT_FILE = os.path.basename(torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.url)
 VIT_FILE = os.path.basename(torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.url)
@@ -76,7 +75,7 @@ def test_checkpoint_round_trip(tmp_path):
         expected = net(x)
     path = tmp_path / "best_model.pth"
     extra = {"epoch": 7, "val": {"page_top1": np.float64(0.5), "per_epoch": np.arange(2)}}
-    atomic.save_torch(model.checkpoint_payload(net, ["w1", "w2", "w3"], extra), path)
+    model.save_torch(model.checkpoint_payload(net, ["w1", "w2", "w3"], extra), path)
     loaded, writers, meta = model.load_best_model(path)  # weights_only: numpy made plain
     assert not loaded.training and loaded.spec == spec
     assert writers == ["w1", "w2", "w3"]
@@ -96,13 +95,13 @@ def test_missing_pretrained_weights_raise_one_line_with_the_fix(model_type, file
     with pytest.raises(model.PretrainedWeightsMissing) as err:
         model.ensure_pretrained_available(model_type)
     message = str(err.value)
-    assert isinstance(err.value, config.UsageError) and "\n" not in message
+    assert isinstance(err.value, UsageError) and "\n" not in message
     for part in (file, folder, "TORCH_HOME", "--no_pretrained", "weights='IMAGENET1K_V1'"):
         assert part in message
     with pytest.raises(model.PretrainedWeightsMissing):
         build_model(ModelSpec(model_type, num_classes=2, img_height=32, img_width=128))
     model.ensure_pretrained_available("small")  # nothing to fetch
-    with pytest.raises(config.UsageError, match="unknown model type"):
+    with pytest.raises(UsageError, match="unknown model type"):
         model.ensure_pretrained_available("resnet")
 
 
@@ -149,7 +148,7 @@ def test_position_embedding_resampling():
 def test_vit_sizes_must_be_multiples_of_the_patch():
     # Checked before the weights and before anything large is built.
     spec = ModelSpec("vit", num_classes=2, img_height=150, img_width=1750, vit_patch=(16, 32))
-    with pytest.raises(config.UsageError) as err:
+    with pytest.raises(UsageError) as err:
         build_model(spec)
     message = str(err.value)
     assert not isinstance(err.value, model.PretrainedWeightsMissing)
@@ -192,10 +191,10 @@ def test_vit_freezes_whole_blocks(fake_hub, monkeypatch):
 
 
 def test_freezing_random_weights_is_refused():
-    with pytest.raises(config.UsageError, match="random weights"):
+    with pytest.raises(UsageError, match="random weights"):
         build_model(ModelSpec("vit", num_classes=2, img_height=32, img_width=128,
                               pretrained=False, freeze=3))
-    with pytest.raises(config.UsageError, match="0 to 3"):
+    with pytest.raises(UsageError, match="0 to 3"):
         build_model(ModelSpec("convnext", num_classes=2, img_height=32, img_width=256, freeze=4))
 
 

@@ -6,7 +6,6 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-
 OPTIMIZE = ("import sys, optuna\n"
             "optuna.load_study(study_name='shared', storage=sys.argv[1])"
             ".optimize(lambda t: t.suggest_float('x', -1, 1) ** 2, n_trials=3)")

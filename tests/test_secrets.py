@@ -12,7 +12,8 @@ import psycopg
 import pytest
 from optuna.trial import TrialState
 
-import storage as storage_lib
+from psearch.engine import storage as storage_lib
+
 from launcher_runs import by_state, trials
 
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}-secret"

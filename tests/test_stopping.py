@@ -2,7 +2,7 @@ import signal
 
 import pytest
 
-from stopping import StopFlag, StopRequested, is_escalation
+from psearch.engine.stopping import StopFlag, StopRequested, is_escalation
 
 
 def test_only_a_later_second_ctrl_c_escalates():

@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-import ownership
-import storage as storage_lib
+from psearch.engine import ownership, storage as storage_lib
 
 MOUNTS = """\
 sysfs /sys sysfs rw 0 0

@@ -9,10 +9,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-import ownership
-import storage as storage_lib
-import study as study_lib
-from config import SearchConfig
+from psearch.engine import ownership, storage as storage_lib, study as study_lib
+from psearch.engine.config import SearchConfig
 
 
 def _cfg(tmp_path, **kw):

@@ -18,10 +18,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-import atomic
-import study as study_lib
-import summarize
-import summary_plots
+from psearch.engine import atomic, study as study_lib
+from psearch.reports import plots as summary_plots, summary as summarize
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = REPO / "tests" / "objectives" / "summary_objectives.py"
@@ -287,7 +285,7 @@ def test_each_best_model_is_evaluated_once_on_the_test_split(tmp_path, monkeypat
             calls.append((Path(path).read_bytes(), split, data_root))
             return {"page_top1": 0.71, "page_top5": 0.9, "page_map": 0.65}
 
-    monkeypatch.setitem(sys.modules, "evaluate", FakeEvaluate)
+    monkeypatch.setitem(sys.modules, "psearch.writer_id.evaluate", FakeEvaluate)
     assert run(ckpt) == 0
     assert run(ckpt) == 0  # the same best: not evaluated again
     assert calls == [(b"weights 1", "test", str(tmp_path / "data"))]
@@ -307,7 +305,7 @@ def test_each_best_model_is_evaluated_once_on_the_test_split(tmp_path, monkeypat
 
 def test_missing_evaluate_module_is_a_warning(tmp_path, monkeypatch, caplog):
     ckpt, _ = _builtin_study(tmp_path)
-    monkeypatch.setitem(sys.modules, "evaluate", None)  # makes `import evaluate` fail
+    monkeypatch.setitem(sys.modules, "psearch.writer_id.evaluate", None)  # the import fails
     assert run(ckpt) == 0
     assert not (ckpt / "best_overall" / "test_metrics.json").exists()
     assert "evaluate module is not available" in caplog.text

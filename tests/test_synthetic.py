@@ -11,10 +11,8 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-import config
-import data_index
-import image_cache
-import synthetic
+from psearch.engine.errors import UsageError
+from psearch.writer_id import data_index, image_cache, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,13 +83,13 @@ def test_flat_layout_is_auto_split(tmp_path):
     (dict(writers=1), "--writers"), (dict(pages_per_writer=1), "--pages-per-writer"),
     (dict(lines_per_page=0), "--lines-per-page"), (dict(height=8), "--height")])
 def test_bad_arguments_are_usage_errors(tmp_path, kwargs, needle):
-    with pytest.raises(config.UsageError, match=needle):
+    with pytest.raises(UsageError, match=needle):
         synthetic.make_synthetic(tmp_path / "x", **kwargs)
 
 
 def test_refuses_a_non_empty_output_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(config.UsageError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         synthetic.make_synthetic(tmp_path)
 
 
@@ -148,5 +146,27 @@ def test_similarity_makes_writers_share_one_script(tmp_path):
     root = synthetic.make_synthetic(tmp_path / "alike", writers=2, pages_per_writer=4,
                                     lines_per_page=1, similarity=0.75)
     assert len(data_index.index_dataset(str(root)).splits["val"]) == 4
-    with pytest.raises(config.UsageError, match="similarity"):
+    with pytest.raises(UsageError, match="similarity"):
         synthetic.make_synthetic(tmp_path / "bad", writers=2, similarity=1.0)
+
+
+def test_cli_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        synthetic.main(["make-synthetic", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--writers", "--pages-per-writer", "--lines-per-page", "--seed", "--height",
+                 "--flat", "--mess"):
+        assert flag in text
+    assert text.count("(default:") >= 7
+
+
+def test_cli_makes_a_flat_data_set_and_rejects_a_used_folder(tmp_path, capsys):
+    out = tmp_path / "flat data"
+    assert synthetic.main(["make-synthetic", str(out), "--writers", "3", "--pages-per-writer", "2",
+                    "--lines-per-page", "2", "--height", "24", "--flat"]) == 0
+    assert not (out / "train").exists() and len(list(out.glob("*/*/*.png"))) == 12
+    assert data_index.index_dataset(str(out)).auto_split
+    with Image.open(next(out.glob("*/*/*.png"))) as img:
+        assert img.size[1] == 24
+    assert synthetic.main(["make-synthetic", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err

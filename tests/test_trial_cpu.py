@@ -12,8 +12,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from model import load_best_model
-from synthetic import make_synthetic
+from psearch.writer_id.model import load_best_model
+from psearch.writer_id.synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--models", "small", "--img_height", "32", "--img_width", "256", "--batch_size", "8",

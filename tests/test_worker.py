@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-import ownership
-from single_gpu_hyperparameter_search import WorkerIdentity
+from psearch.engine import ownership
+from psearch.engine.worker import WorkerIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJ = ROOT / "tests" / "objectives" / "worker_objectives.py"

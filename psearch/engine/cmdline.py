@@ -12,7 +12,7 @@ import ctypes
 from pathlib import Path
 from typing import Sequence
 
-from config import url_secrets
+from psearch.engine.config import url_secrets
 
 
 def hide_url_passwords(argv: Sequence[str]) -> None:

@@ -24,8 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-import atomic
-import locks
+from psearch.engine import atomic, locks
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The search's command-line flags and the frozen configuration built from them.
 
-Shared by the worker (`single_gpu_hyperparameter_search.py`) and the launcher
-(`parallel_search.py`); imports neither torch nor optuna, so the launcher stays light.
+Shared by the worker (`engine/worker.py`) and the launcher (`engine/launcher.py`); imports neither
+torch nor optuna, so the launcher stays light.
 """
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-MODEL_CHOICES = ("small", "convnext", "vit")
-STUDY_DB_NAME = "optuna_study.db"
+from psearch.engine import layout
+from psearch.engine.errors import UsageError
+from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
+from psearch.writer_id.names import MODEL_CHOICES
+
 DEFAULT_STUDY_NAME = "writer_id_search"
 # Below this, a heartbeat delayed by a busy database could make a live trial look dead.
 MIN_HEARTBEAT_GRACE_S = 5
@@ -22,14 +25,6 @@ MIN_HEARTBEAT_GRACE_S = 5
 # workers this way (a password in a URL must never be on a command line: `ps` shows those).
 STORAGE_ENV_PREFIX = "env:"
 CHILD_STORAGE_VAR = "PARALLEL_SEARCH_STORAGE"
-# What a trial of the built-in objective measures (metrics.json keys and trial user attributes).
-METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
-               "val_page_cls_acc")
-TRIAL_RESULT_KEYS = (*METRIC_KEYS, "best_epoch", "epochs_run")
-
-
-class UsageError(ValueError):
-    """A bad command-line value: printed as one line, exit code 2, nothing changed."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class SearchConfig:
     @property
     def image_cache_dir(self) -> Path:
         """Where preprocessed pixels are cached (keyed by data and image size inside)."""
-        return Path(self.cache_dir) if self.cache_dir else Path(self.checkpoint_dir) / "cache"
+        return Path(self.cache_dir) if self.cache_dir else layout.cache_dir(self.checkpoint_dir)
 
     @property
     def builtin_objective(self) -> bool:
@@ -126,16 +121,6 @@ def resolve_storage(spec: str | None, environ: Mapping[str, str]) -> str | None:
     _check(bool(url), f"--storage {spec}: the environment variable {name or '(none)'} is not set;"
            f" export {name or 'NAME'}=postgresql://USER@HOST:PORT/DB first")
     return url
-
-
-def default_storage_url(checkpoint_dir: str | os.PathLike) -> str:
-    """The SQLite file a search keeps inside its checkpoint folder."""
-    return f"sqlite:///{Path(checkpoint_dir).resolve() / STUDY_DB_NAME}"
-
-
-def trial_dir(checkpoint_dir: str | os.PathLike, number: int) -> Path:
-    """CHECKPOINT_DIR/trial_NNN for an Optuna trial number."""
-    return Path(checkpoint_dir) / f"trial_{int(number):03d}"
 
 
 def add_search_args(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from devices import WorkerSlot
+from psearch.engine.devices import WorkerSlot
 
 logger = logging.getLogger(__name__)
 

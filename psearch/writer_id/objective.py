@@ -7,7 +7,6 @@ for pruning, and returns the best epoch's page top-1. Everything the trial makes
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,22 +15,17 @@ from typing import Any
 import optuna
 import torch
 
-import atomic
-import config
-import data_index
-import dataset
-import model as model_lib
-from config import TRIAL_RESULT_KEYS, SearchConfig, UsageError
-from search_space import suggest_hparams
-from stopping import StopFlag, StopRequested
-from train import Trainer, TrainConfig
+from psearch.engine import atomic, layout
+from psearch.engine.config import SearchConfig
+from psearch.engine.errors import UsageError
+from psearch.engine.stopping import StopFlag, StopRequested
+from psearch.writer_id import data_index, dataset, model as model_lib
+from psearch.writer_id.hardware import available_cores, pick_device
+from psearch.writer_id.names import TRIAL_RESULT_KEYS
+from psearch.writer_id.search_space import suggest_hparams
+from psearch.writer_id.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    """Cores this process may use (honours taskset/SLURM cpusets)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def load_index(cfg: SearchConfig) -> tuple[data_index.DataIndex, tuple[str, ...]]:
@@ -85,14 +79,6 @@ def make_bundle(cfg: SearchConfig, index: data_index.DataIndex,
     return dataset.make_datasets(index, writers, cfg.img_height, cfg.img_width,
                                  cfg.image_cache_dir, cfg.max_val_pages_per_writer, cfg.seed,
                                  processes=available_cores())
-
-
-def pick_device() -> torch.device:
-    """cuda:0 (the launcher pins a GPU through CUDA_VISIBLE_DEVICES) or, with a warning, the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda:0")
-    logger.warning("CUDA is not available: running on the CPU (slow)")
-    return torch.device("cpu")
 
 
 def model_spec(hp: dict[str, Any], num_classes: int, cfg: SearchConfig) -> model_lib.ModelSpec:
@@ -177,7 +163,7 @@ class WriterObjective:
         """For a rerun of an interrupted trial: its last.pth, best model and reported curve."""
         if resumed_from is None:
             return None
-        old_dir = config.trial_dir(self.cfg.checkpoint_dir, resumed_from)
+        old_dir = layout.trial_dir(self.cfg.checkpoint_dir, resumed_from)
         old = trial.study.get_trials(deepcopy=False)[int(resumed_from)]
         for step, value in sorted(old.intermediate_values.items()):
             trial.report(value, step)

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from typing import Callable, Mapping, Sequence
 
-from config import UsageError
+from psearch.engine.errors import UsageError
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import config
+from psearch.engine.errors import UsageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})  # lower-cased
 SPLITS = ("train", "val", "test")
 
 
-class DataError(config.UsageError):
+class DataError(UsageError):
     """The data root cannot be used: one line naming the path and the fix (exit code 2)."""
 
 

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import atomic
-import losses
-import metrics
-from config import METRIC_KEYS
-from dataset import WriterBalancedSampler
-from model import WriterNet, checkpoint_payload
+from psearch.engine import atomic
+from psearch.writer_id import losses, metrics
+from psearch.writer_id.dataset import WriterBalancedSampler
+from psearch.writer_id.model import WriterNet, checkpoint_payload, save_torch
+from psearch.writer_id.names import METRIC_KEYS
 
 logger = logging.getLogger(__name__)
 MIXUP_MIN_ALPHA = 0.05      # below this Beta(a, a) is almost always 0 or 1: treat as no mixup
@@ -157,7 +156,7 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def save_last(self) -> None:
         """Everything needed to continue this trial after an interruption."""
-        atomic.save_torch({
+        save_torch({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "fit_state": dataclasses.asdict(self.state),
@@ -188,7 +187,7 @@ class Trainer:
     def _save_best(self, row: dict[str, float]) -> None:
         payload = checkpoint_payload(self.model, self.data.writers,
                                      {**self.meta, "epoch": row["epoch"], "metrics": row})
-        atomic.save_torch(payload, self.out_dir / "best_model.pth")
+        save_torch(payload, self.out_dir / "best_model.pth")
 
     # -------------------------------------------------------------- training
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -17,9 +17,9 @@ from typing import Any, Collection, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-import ownership
-import storage as storage_lib
-from config import SearchConfig, UsageError, redact_url
+from psearch.engine import ownership, storage as storage_lib
+from psearch.engine.config import SearchConfig, redact_url
+from psearch.engine.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

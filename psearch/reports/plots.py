@@ -19,8 +19,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-import atomic
-import study as study_lib
+from psearch.engine import atomic, study as study_lib
 
 logger = logging.getLogger(__name__)
 

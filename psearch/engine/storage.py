@@ -29,8 +29,9 @@ from typing import Iterator
 
 import optuna
 
-import locks
-from config import SearchConfig, UsageError, redact_url, url_secrets, without_password
+from psearch.engine import locks
+from psearch.engine.config import SearchConfig, redact_url, url_secrets, without_password
+from psearch.engine.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -5,19 +5,25 @@ darkness and an own set of glyphs made of curves and dots); each line is a fresh
 of "words" written right to left in that style on noisy paper. The writer is therefore learnable
 from style, not from any one line's content. Pure numpy + PIL: no fonts, no downloads.
 
-    python dataset.py make-synthetic demo_data --writers 8          # the CLI lives in dataset.py
+    python dataset.py make-synthetic demo_data --writers 8            # train/val/test layout
+    python dataset.py make-synthetic demo_flat --writers 8 --flat     # writer folders only
+
+(`dataset.py` at the root runs this module's CLI without loading torch.)
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-import config
-from data_index import split_counts
+from psearch.engine.errors import UsageError
+from psearch.writer_id.data_index import split_counts
 
 logger = logging.getLogger(__name__)
 
@@ -245,12 +251,12 @@ def _add_mess(writer_dir: Path, page_dir: Path, pixels: np.ndarray) -> None:
 def _check_args(out: Path, writers: int, pages_per_writer: int, lines_per_page: int,
                 height: int) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise config.UsageError(f"output folder {str(out)!r} exists and is not empty; "
+        raise UsageError(f"output folder {str(out)!r} exists and is not empty; "
                                 "choose a new folder")
     for name, value, low in (("writers", writers, 2), ("pages-per-writer", pages_per_writer, 2),
                              ("lines-per-page", lines_per_page, 1), ("height", height, 16)):
         if value < low:
-            raise config.UsageError(f"--{name} must be at least {low}, got {value}")
+            raise UsageError(f"--{name} must be at least {low}, got {value}")
 
 
 def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10,
@@ -264,7 +270,7 @@ def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10
     out = Path(out)
     _check_args(out, writers, pages_per_writer, lines_per_page, height)
     if not 0.0 <= similarity < 1.0:
-        raise config.UsageError(f"--similarity must be in [0, 1), got {similarity}")
+        raise UsageError(f"--similarity must be in [0, 1), got {similarity}")
     names = writer_names(writers, mess)
     script = random_style(_rng(seed, 2**32))
     first_page = first_pixels = None
@@ -286,3 +292,47 @@ def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10
                 pages_per_writer, lines_per_page, "flat" if flat else "train/val/test",
                 ", messy" if mess else "", similarity, out)
     return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python dataset.py make-synthetic` command line (every help states its default)."""
+    parser = argparse.ArgumentParser(description="Data tools for the writer-identification search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    syn = sub.add_parser("make-synthetic", help="write a synthetic handwriting-like data set")
+    syn.add_argument("out", help="output folder; must not exist or be empty (required)")
+    syn.add_argument("--writers", type=int, default=8, help="number of writers (default: 8)")
+    syn.add_argument("--pages-per-writer", type=int, default=10, help="pages per writer, split "
+                     "~70/15/15 (at least 2 validation pages from 4 pages on) into "
+                     "train/val/test unless --flat (default: 10: 6/2/2 pages)")
+    syn.add_argument("--lines-per-page", type=int, default=8, help="lines per page (default: 8)")
+    syn.add_argument("--seed", type=int, default=0, help="random seed of styles and lines "
+                     "(default: 0)")
+    syn.add_argument("--height", type=int, default=64, help="line height in pixels (default: 64)")
+    syn.add_argument("--similarity", type=float, default=0.0, help="0: every writer has letters "
+                     "of their own (easy); towards 1: one shared script in ever more similar "
+                     "hands (harder) (default: 0)")
+    syn.add_argument("--flat", action="store_true", help="write writer folders directly, without "
+                     "train/val/test (default: off)")
+    syn.add_argument("--mess", action="store_true", help="add what real data has: odd extensions "
+                     "and names, colour/16-bit/RGBA images, corrupt files, an empty page, a book "
+                     "level, hidden files (default: off)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; 0 on success, 2 on a usage error."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        make_synthetic(args.out, writers=args.writers, pages_per_writer=args.pages_per_writer,
+                       lines_per_page=args.lines_per_page, seed=args.seed, height=args.height,
+                       flat=args.flat, mess=args.mess, similarity=args.similarity)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,12 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-import data_index
-import dataset
-import model as model_lib
-from config import UsageError
-from train import evaluate, make_loader
-from writer_objective import available_cores, pick_device
+from psearch.engine.errors import UsageError
+from psearch.writer_id import data_index, dataset, model as model_lib
+from psearch.writer_id.hardware import available_cores, pick_device
+from psearch.writer_id.train import evaluate, make_loader
 
 logger = logging.getLogger(__name__)
 

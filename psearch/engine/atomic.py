@@ -76,14 +76,6 @@ def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
         fig.savefig(tmp, format=target.suffix.lstrip(".") or "png", **kwargs)
 
 
-def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    """Atomically torch.save `obj` (torch is imported here so this module stays torch-free)."""
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 # ---------------------------------------------------------------- whole folders
 
 AT_FDCWD = -100

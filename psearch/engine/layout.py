@@ -1,0 +1,47 @@
+"""The checkpoint folder's layout: the one place that names what lives where.
+
+    CHECKPOINT_DIR/
+        optuna_study.db        the study (SQLite, unless --storage names another)
+        logs/                  launcher_HOST_STAMP.log, worker_LABEL_HOST_STAMP.log
+        trial_NNN/             one folder per Optuna trial number
+        cache/                 preprocessed images (unless --cache_dir)
+        summary/               the report, tables and figures
+        best_overall/          the best completed trial's files
+        .summary.lock          serialises summaries of this folder
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STUDY_DB_NAME = "optuna_study.db"
+
+
+def default_storage_url(checkpoint_dir: str | os.PathLike) -> str:
+    """The SQLite file a search keeps inside its checkpoint folder."""
+    return f"sqlite:///{Path(checkpoint_dir).resolve() / STUDY_DB_NAME}"
+
+
+def trial_dir(checkpoint_dir: str | os.PathLike, number: int) -> Path:
+    """CHECKPOINT_DIR/trial_NNN for an Optuna trial number."""
+    return Path(checkpoint_dir) / f"trial_{int(number):03d}"
+
+
+def logs_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / "logs"
+
+
+def cache_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / "cache"
+
+
+def summary_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / "summary"
+
+
+def best_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / "best_overall"
+
+
+def summary_lock(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / ".summary.lock"

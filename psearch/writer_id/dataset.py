@@ -1,0 +1,214 @@
+"""Torch data for one trial: line datasets over the image cache, augmentation, balanced sampler.
+
+Everything random is seeded from (seed, epoch, index), never from global or per-process state,
+so a batch is the same with 0 or 8 DataLoader workers and a resumed trial continues exactly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from psearch.writer_id.data_index import (DataError, DataIndex, LineRecord, index_paths,
+                                          search_subset)
+from psearch.writer_id.image_cache import ImageCache, build_or_load_cache
+
+logger = logging.getLogger(__name__)
+
+# probability of each augmentation, applied independently (training only)
+P_BINARIZE, P_ROTATE, P_BLUR, P_JITTER, P_NOISE = 0.5, 0.5, 0.3, 0.5, 0.3
+_TAG_ORDER, _TAG_CYCLE = 1, 2   # keep the sampler's random streams apart
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    """A generator determined by integer keys only (negative seeds folded into range)."""
+    return np.random.default_rng([int(k) % 2**64 for k in keys])
+
+
+def otsu_threshold(img: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image: the level that maximises the between-class variance."""
+    p = np.bincount(img.ravel(), minlength=256).astype(np.float64)
+    p /= p.sum()
+    omega = np.cumsum(p)                      # weight of the dark class for threshold t
+    mu = np.cumsum(p * np.arange(256))        # its unnormalised mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    return int(np.argmax(np.nan_to_num(between, nan=-1.0, posinf=-1.0)))
+
+
+def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Training augmentation of a uint8 [H, W] line; each step on with its own probability."""
+    out = img
+    if rng.random() < P_BINARIZE:   # first, like a binarised scan that is then blurred and noisy
+        out = np.where(out > otsu_threshold(out), 255, 0).astype(np.uint8)
+    if rng.random() < P_ROTATE:
+        out = np.asarray(Image.fromarray(out).rotate(
+            rng.uniform(-2.0, 2.0), resample=Image.Resampling.BILINEAR, fillcolor=255))
+    if rng.random() < P_BLUR:
+        out = np.asarray(Image.fromarray(out).filter(
+            ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 1.2))))
+    if rng.random() < P_JITTER:
+        contrast, brightness = rng.uniform(0.7, 1.3), rng.uniform(-25.0, 25.0)
+        mean = float(out.mean())
+        out = np.clip((out - mean) * contrast + mean + brightness, 0, 255).astype(np.uint8)
+    if rng.random() < P_NOISE:
+        noise = rng.standard_normal(out.shape, dtype=np.float32) * rng.uniform(3.0, 12.0)
+        out = np.clip(out + noise, 0, 255).astype(np.uint8)
+    return np.array(out, dtype=np.uint8, order="C")   # writable, never the caller's array
+
+
+class LineDataset(torch.utils.data.Dataset):
+    """Cached lines as (float32 [1, H, W] in [0, 1], label, index); 0 = black ink, 1 = white paper.
+
+    An index k >= len(self) means line k % len(self), augmentation draw k // len(self): the
+    WriterBalancedSampler uses it so that a line drawn twice in one epoch is augmented twice
+    differently. The returned index is always the line, k % len(self).
+    """
+
+    def __init__(self, cache: ImageCache, rows: Sequence[int], labels: Sequence[int], train: bool,
+                 seed: int) -> None:
+        if len(rows) != len(labels):
+            raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+        self.cache = cache
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.train, self.seed, self.epoch = bool(train), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's augmentations (reaches DataLoader workers only if not persistent)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, int]:
+        k = int(k)
+        if k < 0 or not len(self.rows):
+            raise IndexError(f"index {k} out of range for {len(self.rows)} lines")
+        i, draw = k % len(self.rows), k // len(self.rows)
+        img = np.array(self.cache.pixels[self.rows[i]])  # a private copy of the read-only memmap
+        if self.train:
+            img = augment(img, _rng(self.seed, self.epoch, i, draw))
+        return torch.from_numpy(img).float().div_(255.0).unsqueeze(0), int(self.labels[i]), i
+
+
+class WriterBalancedSampler(torch.utils.data.Sampler[int]):
+    """Exactly `lines_per_writer` draws per writer and epoch, shuffled together.
+
+    Each writer's lines form an endless stream of permutations (cycles): within a cycle no line
+    repeats, epoch e takes stream positions [e*L, (e+1)*L), so an epoch never runs dry, epochs
+    continue where the last one stopped, and epoch e is computed without replaying 0..e-1.
+    Yields `line + len(labels) * cycle` (see LineDataset); `% len(labels)` gives the line.
+    """
+
+    def __init__(self, labels: Sequence[int], lines_per_writer: int = 300, seed: int = 0) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.size == 0 or lines_per_writer < 1:
+            raise ValueError(f"need lines and lines_per_writer >= 1, got {labels.size} lines and "
+                             f"lines_per_writer={lines_per_writer}")
+        self.num_lines = int(labels.size)
+        self.writer_lines = {int(w): np.flatnonzero(labels == w) for w in np.unique(labels)}
+        self.lines_per_writer, self.seed, self.epoch = int(lines_per_writer), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to draw (call before iterating)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.writer_lines) * self.lines_per_writer
+
+    def __iter__(self):
+        return iter(self.epoch_indices(self.epoch).tolist())
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """All draws of `epoch`, shuffled (encoded as line + num_lines * cycle)."""
+        draws = np.concatenate([self._writer_draws(w, lines, epoch)
+                                for w, lines in self.writer_lines.items()])
+        return draws[_rng(self.seed, _TAG_ORDER, epoch).permutation(draws.size)]
+
+    def _writer_draws(self, writer: int, lines: np.ndarray, epoch: int) -> np.ndarray:
+        quota = self.lines_per_writer
+        positions = np.arange(epoch * quota, (epoch + 1) * quota, dtype=np.int64)
+        cycles, offsets = np.divmod(positions, lines.size)
+        out = np.empty(quota, dtype=np.int64)
+        for cycle in np.unique(cycles):
+            perm = _rng(self.seed, _TAG_CYCLE, writer, cycle).permutation(lines.size)
+            sel = cycles == cycle
+            out[sel] = lines[perm[offsets[sel]]] + self.num_lines * cycle
+        return out
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """The datasets of one search and what page-level evaluation needs."""
+
+    train: LineDataset
+    val: LineDataset
+    test: LineDataset | None
+    writers: tuple[str, ...]                # label i <-> writers[i]
+    val_page_ids: np.ndarray                # int page id per val item
+    val_page_writer: np.ndarray             # label per val page id
+    test_page_ids: np.ndarray | None
+    test_page_writer: np.ndarray | None
+    train_labels: np.ndarray
+    skipped: tuple[str, ...]                # unreadable paths, excluded everywhere
+    val_page_names: tuple[str, ...] = ()    # page name per val page id
+    test_page_names: tuple[str, ...] | None = None
+
+
+def _split_data(records: Sequence[LineRecord], cache: ImageCache, label_of: Mapping[str, int],
+                train: bool, seed: int
+                ) -> tuple[LineDataset, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Dataset of the readable lines, page id per line, label per page, page names."""
+    usable = [r for r in records if cache.ok[cache.row(r.path)]]
+    names = tuple(sorted({r.page for r in usable}))
+    page_id = {name: i for i, name in enumerate(names)}
+    page_writer = np.zeros(len(names), dtype=np.int64)
+    for r in usable:
+        page_writer[page_id[r.page]] = label_of[r.writer]
+    dataset = LineDataset(cache, [cache.row(r.path) for r in usable],
+                          [label_of[r.writer] for r in usable], train, seed)
+    return dataset, np.array([page_id[r.page] for r in usable], dtype=np.int64), page_writer, names
+
+
+def make_datasets(index: DataIndex, writers: Sequence[str], height: int, width: int,
+                  cache_dir: str | Path, max_val_pages_per_writer: int, seed: int,
+                  processes: int) -> DataBundle:
+    """Cache the selected writers' lines (train, fixed val subset, test) and build the datasets."""
+    writers = tuple(writers)
+    index = search_subset(index, writers, max_val_pages_per_writer)
+    cache = build_or_load_cache(index_paths(index), height, width, cache_dir, processes)
+    label_of = {w: i for i, w in enumerate(writers)}
+    train, _, _, _ = _split_data(index.splits["train"], cache, label_of, True, seed)
+    _check_usable(train, writers, index.root)
+    val, val_ids, val_writer, val_names = _split_data(index.splits["val"], cache, label_of, False,
+                                                      seed)
+    if not len(val):
+        raise DataError(f"{index.root!r}: no readable validation lines for the selected writers; "
+                        "check the unreadable files listed above")
+    test = test_ids = test_writer = test_names = None
+    if index.splits.get("test"):
+        test, test_ids, test_writer, test_names = _split_data(index.splits["test"], cache,
+                                                              label_of, False, seed)
+    return DataBundle(train=train, val=val, test=test, writers=writers, val_page_ids=val_ids,
+                      val_page_writer=val_writer, test_page_ids=test_ids,
+                      test_page_writer=test_writer, train_labels=train.labels.copy(),
+                      skipped=tuple(p for p, ok in zip(cache.paths, cache.ok) if not ok),
+                      val_page_names=val_names, test_page_names=test_names)
+
+
+def _check_usable(train: LineDataset, writers: tuple[str, ...], root: str) -> None:
+    """DataError unless 2+ writers have readable training lines; warn about the ones without."""
+    present = set(np.unique(train.labels).tolist())
+    missing = [w for i, w in enumerate(writers) if i not in present]
+    if len(present) < 2:
+        raise DataError(f"{root!r}: only {len(present)} writer(s) have readable training lines; "
+                        "writer identification needs at least 2 (check the unreadable files)")
+    if missing:
+        logger.warning("%d writer(s) have no readable training lines and cannot be learned: %s",
+                       len(missing), ", ".join(missing[:5]))

@@ -1,0 +1,7 @@
+"""Names the built-in objective shares with the command line and the reports (no imports)."""
+
+MODEL_CHOICES = ("small", "convnext", "vit")
+# What a trial of the built-in objective measures (metrics.json keys and trial user attributes).
+METRIC_KEYS = ("val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
+               "val_page_cls_acc")
+TRIAL_RESULT_KEYS = (*METRIC_KEYS, "best_epoch", "epochs_run")
