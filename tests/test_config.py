@@ -2,9 +2,10 @@ import argparse
 
 import pytest
 
-from psearch.engine.config import (SearchConfig, UsageError, add_search_args, child_env,
-                                   config_from_args, config_to_argv, redact_url, resolve_storage,
-                                   url_secrets, without_password)
+from psearch.engine.config import (SearchConfig, add_search_args, child_env, config_from_args,
+                                   config_to_argv, redact_url, resolve_storage, url_secrets,
+                                   without_password)
+from psearch.engine.errors import UsageError
 
 
 def build_parser():

@@ -1,4 +1,5 @@
 """The sequential search as a real process on a real SQLite study, with custom objectives."""
+import json
 import os
 import signal
 import subprocess
@@ -16,9 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OBJ = ROOT / "tests" / "objectives" / "worker_objectives.py"
 
 
-def run(ckpt, n, objective="quadratic", *extra, env=None):
+def run(ckpt, n, objective="quadratic", *extra, env=None, summary=False):
     cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
-           str(ckpt), "--n_trials", str(n), "--objective", f"{OBJ}:{objective}", *extra]
+           str(ckpt), "--n_trials", str(n), "--objective", f"{OBJ}:{objective}", *extra,
+           *([] if summary else ["--no_summary"])]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
 
@@ -26,7 +28,7 @@ def run(ckpt, n, objective="quadratic", *extra, env=None):
 def signal_mid_trial(ckpt, n, objective, sig, env=None, **popen):
     """Start the search, send `sig` once its first trial runs; the exit code."""
     cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--checkpoint_dir",
-           str(ckpt), "--n_trials", str(n), "--objective", f"{OBJ}:{objective}"]
+           str(ckpt), "--n_trials", str(n), "--objective", f"{OBJ}:{objective}", "--no_summary"]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL,
                             text=True, **popen)
     deadline = time.time() + 60
@@ -56,6 +58,17 @@ def test_n_trials_is_the_study_total_and_resume_adds_the_difference(tmp_path):
     assert run(ckpt, 3).returncode == 0
     assert states(ckpt) == [TrialState.COMPLETE] * 3   # exactly one more
     assert list((ckpt / "logs").glob("single_gpu_*.log"))
+
+
+def test_a_stand_alone_search_ends_with_the_launchers_summary(tmp_path):
+    r = run(tmp_path / "c", 3, summary=True)
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "c" / "summary" / "report.md").read_text()
+    assert "3 trials: 3 complete" in report
+    best = json.loads((tmp_path / "c" / "best_overall" / "config.json").read_text())
+    assert best["trial_number"] == max(trials(tmp_path / "c"), key=lambda t: t.value).number
+    assert run(tmp_path / "d", 1).returncode == 0  # --no_summary
+    assert not (tmp_path / "d" / "summary").exists()
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from psearch.engine import layout
 from psearch.engine.errors import UsageError
@@ -269,10 +269,3 @@ def child_env(cfg: SearchConfig) -> dict[str, str]:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
-
-
-def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[
-        SearchConfig, argparse.Namespace]:
-    """Parse argv with `parser` and build the config; UsageError on a bad value."""
-    ns = parser.parse_args(argv)
-    return config_from_args(ns), ns

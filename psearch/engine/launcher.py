@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from psearch.engine import cmdline, devices, layout, ownership, progress
-from psearch.engine.config import (SearchConfig, add_search_args, child_env, config_from_args,
-                                   config_to_argv, redact_url, storage_argv)
+from psearch.engine.children import (SYNTHETIC_MODULE, WORKER_MODULE, child_environ, module_argv,
+                                     summary_argv, summary_hint)
+from psearch.engine.config import (SearchConfig, add_search_args, config_from_args, config_to_argv,
+                                   redact_url)
 from psearch.engine.errors import UsageError
 from psearch.engine.workers import Controller, Exit, Interrupts, Worker, run_child
 
@@ -40,12 +42,6 @@ if TYPE_CHECKING:  # loaded in launch(), after the launcher has limited its BLAS
 logger = logging.getLogger("launcher")
 file_log = logging.getLogger("launcher.file")  # the launcher log only (banner, status lines)
 
-# Helper processes run this package's modules (`python -m`); PYTHONPATH finds the package from
-# any folder, installed or not.
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]
-WORKER_MODULE = "psearch.engine.worker"
-SUMMARY_MODULE = "psearch.reports.summary"
-SYNTHETIC_MODULE = "psearch.writer_id.synthetic"
 POLL_S = 0.2
 # How often a launcher whose workers are done looks at the study for other launchers' trials.
 WAIT_POLL_S = 2.0
@@ -153,16 +149,8 @@ def trials_per_worker(to_run: int, n_workers: int) -> str:
 
 def worker_argv(cfg: SearchConfig, loaders: int, python: str = sys.executable) -> list[str]:
     """A worker's command line: the same flags (same --n_trials) with its data-loader count."""
-    return [python, "-m", WORKER_MODULE,
+    return [*module_argv(python, WORKER_MODULE),
             *config_to_argv(dataclasses.replace(cfg, num_workers=loaders))]
-
-
-def child_environ(environ: Mapping[str, str], cfg: SearchConfig | None = None) -> dict[str, str]:
-    """The environment of a helper process: the launcher's, the package on PYTHONPATH, and the
-    storage URL for `config_to_argv`'s `--storage env:…` (pure)."""
-    path = [str(PACKAGE_PARENT), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
-            **(child_env(cfg) if cfg is not None else {})}
 
 
 def log_name(role: str, host: str, stamp: str) -> str:
@@ -185,7 +173,7 @@ def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp:
             for slot in slots]
 
 
-# ---------------------------------------------------------------- signals and helper processes
+# ---------------------------------------------------------------- helper processes
 
 def _echo(line: str) -> None:
     """A helper's output line: to the terminal as it is, and into the launcher log."""
@@ -201,7 +189,8 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupt
            "PARALLEL_SEARCH_MANAGED": "1", "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()),
            "PYTHONUNBUFFERED": "1"}
     logger.info("Preparing: data, image cache, pretrained weights, study")
-    code = run_child([sys.executable, "-m", WORKER_MODULE, *config_to_argv(cfg), "--prepare_only"],
+    code = run_child([*module_argv(sys.executable, WORKER_MODULE), *config_to_argv(cfg),
+                      "--prepare_only"],
                      env, interrupts, echo=_echo)
     if interrupts.count:
         logger.warning("Interrupted while preparing: no worker was started")
@@ -215,15 +204,13 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupt
 
 
 def summarize(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupts) -> None:
-    """Run summarize.py; a missing script or a failure is logged, never changes the exit code."""
+    """Write the summary; a failure is logged, never changes the exit code."""
     logger.info("Summarizing results into %s", cfg.checkpoint_dir)
-    argv = [sys.executable, "-m", SUMMARY_MODULE, "--checkpoint_dir", cfg.checkpoint_dir,
-            "--study_name", cfg.study_name, *storage_argv(cfg)]
-    code = run_child(argv, child_environ(environ, cfg), interrupts, echo=_echo)
+    code = run_child(summary_argv(cfg, sys.executable), child_environ(environ, cfg), interrupts,
+                     echo=_echo)
     if code != 0:
-        logger.warning("Summary failed (exit code %d); rerun it with: %s", code, shlex.join(
-            [sys.executable, "summarize.py", "--checkpoint_dir", cfg.checkpoint_dir,
-             "--study_name", cfg.study_name, "--storage", redact_url(cfg.storage_url)]))
+        logger.warning("Summary failed (exit code %d); rerun it with: %s", code,
+                       summary_hint(cfg, sys.executable))
 
 
 def ensure_demo_data(ns: argparse.Namespace) -> None:
@@ -231,7 +218,7 @@ def ensure_demo_data(ns: argparse.Namespace) -> None:
     if ns.objective is not None or os.path.isdir(ns.data_root):
         return
     print(f"Generating the demo data set in {ns.data_root} ...", flush=True)
-    result = subprocess.run([sys.executable, "-m", SYNTHETIC_MODULE, "make-synthetic",
+    result = subprocess.run([*module_argv(sys.executable, SYNTHETIC_MODULE), "make-synthetic",
                              ns.data_root, "--writers", "8", "--similarity", str(DEMO_SIMILARITY)],
                             env=child_environ(os.environ), check=False)
     if result.returncode != 0:

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import (atomic, config, layout, ownership, storage as storage_lib,
+from psearch.engine import (atomic, children, config, layout, ownership, storage as storage_lib,
                             study as study_lib)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.engine.errors import UsageError
@@ -69,7 +70,7 @@ class WorkerIdentity:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The worker's command line: the shared search flags plus --prepare_only."""
+    """The worker's command line: the shared search flags plus --prepare_only, --no_summary."""
     parser = argparse.ArgumentParser(
         description="Sequential hyperparameter search for writer identification on one device.")
     add_search_args(parser)
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "data, create or load the study, build the image cache, check pretrained "
                         "weights, then exit (the launcher runs this once before its workers) "
                         "(default: off)")
+    parser.add_argument("--no_summary", action="store_true", help="skip the summary (summary/ and "
+                        "best_overall/) at the end of a stand-alone run (default: write it, as the "
+                        "parallel launcher does)")
     return parser
 
 
@@ -103,15 +107,7 @@ def load_objective(spec: str) -> Objective:
     return fn
 
 
-@dataclasses.dataclass
-class Prepared:
-    """What `prepare` made ready: the study, and for the built-in objective the writers used."""
-
-    study: optuna.Study
-    writers: tuple[str, ...] | None = None
-
-
-def prepare(cfg: SearchConfig, who: WorkerIdentity) -> Prepared:
+def prepare(cfg: SearchConfig, who: WorkerIdentity) -> optuna.Study:
     """Validate, create/load the study, check stored settings, then build the shared image
     cache: a refused setting stops the run before anything is written."""
     writers = None
@@ -127,7 +123,7 @@ def prepare(cfg: SearchConfig, who: WorkerIdentity) -> Prepared:
     study_lib.check_or_store_heartbeat(study, cfg.heartbeat_grace)
     if cfg.builtin_objective:
         writer_objective.build_cache(cfg)
-    return Prepared(study=study, writers=writers)
+    return study
 
 
 def make_objective(cfg: SearchConfig, stop: StopFlag, who: WorkerIdentity) -> Objective:
@@ -259,7 +255,7 @@ def _open_for_run(cfg: SearchConfig, who: WorkerIdentity) -> optuna.Study:
     the trials of earlier runs that provably died (other users' live trials are left alone)."""
     if who.managed:
         return study_lib.open_study(cfg, who.rank, who.n_workers, create=False)
-    study = prepare(cfg, who).study
+    study = prepare(cfg, who)
     study_lib.recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace)
     return study
 
@@ -281,12 +277,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         study = _open_for_run(cfg, who)
         objective = make_objective(cfg, stop, who)
-        return run_search(study, cfg, objective, stop, who)
+        code = run_search(study, cfg, objective, stop, who)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StopRequested:
-        return stop.exit_code
+        code = stop.exit_code
+    if not who.managed and not ns.no_summary:  # the launcher writes it for its workers
+        summarize(cfg)
+    return code
+
+
+def summarize(cfg: SearchConfig) -> None:
+    """End a stand-alone search as the launcher ends one: summary/ and best_overall/. A failure is
+    logged, never changes the exit code."""
+    logger.info("Summarizing results into %s", cfg.checkpoint_dir)
+    try:
+        code = subprocess.run(children.summary_argv(cfg, sys.executable),
+                              env=children.child_environ(os.environ, cfg)).returncode
+    except (KeyboardInterrupt, StopRequested):  # Ctrl+C during it: the search itself is saved
+        code = 130
+    if code != 0:
+        logger.warning("Summary failed (exit code %d); rerun it with: %s", code,
+                       children.summary_hint(cfg, sys.executable))
 
 
 if __name__ == "__main__":
