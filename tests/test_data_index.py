@@ -43,7 +43,7 @@ def test_split_layout_with_books_odd_names_and_mixed_extensions(tmp_path):
     img(tmp_path / "train" / odd[0] / ".thumbs" / "p" / "x.png")
     index = di.index_dataset(str(tmp_path))
     assert index.writers == tuple(sorted(odd))
-    assert not index.auto_split and set(index.splits) == {"train", "val"}
+    assert set(index.splits) == {"train", "val"}
     train = index.splits["train"]
     assert len(train) == 4 * 2 + 5
     book = [r for r in train if "book (2)" in r.page]
@@ -146,7 +146,7 @@ def test_flat_layout_is_split_deterministically_and_page_disjoint(tmp_path):
     pages = {"one": 1, "two": 2, "three": 3, "seven": 7, "twenty": 20}
     make_flat(tmp_path / "r", pages)
     first, second = di.index_dataset(str(tmp_path / "r")), di.index_dataset(str(tmp_path / "r"))
-    assert first == second and first.auto_split
+    assert first == second
     assert any("no train/" in n for n in first.notes)
     assert any("one" in n and "1 page" in n for n in first.notes)
     rel = {s: {r.page.split("/", 1)[1] for r in recs} for s, recs in first.splits.items()}

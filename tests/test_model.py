@@ -10,6 +10,7 @@ import torchvision
 from psearch.engine.errors import UsageError
 from psearch.writer_id import model
 from psearch.writer_id.model import ModelSpec, build_model
+from psearch.writer_id.search_space import MAX_SUGGESTED_FREEZE
 
 CONVNEXT_FILE = os.path.basename(torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.url)
 VIT_FILE = os.path.basename(torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.url)
@@ -34,15 +35,33 @@ def _legacy_mlp_name(key: str) -> str:
     return key.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2.")
 
 
+# Kept whole: the ViT loader resamples these, and the tests check the result value by value.
+RESAMPLED = ("conv_proj.weight", "encoder.pos_embedding")
+
+
+def _fake_weights(builder) -> dict[str, torch.Tensor]:
+    """Random tensors with the keys and shapes of a torchvision model's state dict, a few MB on
+    disk instead of hundreds: each large tensor (except RESAMPLED) repeats one random row of its
+    own (an expanded tensor is saved as that row), which loading copies like any other."""
+    with torch.device("meta"):  # names and shapes only: no weights are initialised
+        shapes = {k: v.shape for k, v in builder().state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def fake(key, shape):
+        large = shape.numel() > 10_000 and key not in RESAMPLED
+        return (0.02 * torch.randn(shape[-1:] if large else shape, generator=gen)).expand(shape)
+
+    return {k: fake(k, shape) for k, shape in shapes.items()}
+
+
 @pytest.fixture(scope="module")
 def fake_hub(tmp_path_factory):
-    """A TORCH_HOME whose hub cache holds randomly initialised torchvision weights files."""
+    """A TORCH_HOME whose hub cache holds random weights files of torchvision's layout."""
     home = tmp_path_factory.mktemp("torch_home")
     folder = home / "hub" / "checkpoints"
     folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    convnext = torchvision.models.convnext_tiny().state_dict()
-    vit = torchvision.models.vit_b_16().state_dict()
+    convnext = _fake_weights(torchvision.models.convnext_tiny)
+    vit = _fake_weights(torchvision.models.vit_b_16)
     torch.save(convnext, folder / CONVNEXT_FILE)
     torch.save({_legacy_mlp_name(k): v for k, v in vit.items()}, folder / VIT_FILE)
     return {"home": str(home), "convnext": convnext, "vit": vit}
@@ -86,6 +105,17 @@ def test_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(ValueError):
         model.checkpoint_payload(net, ["w1", "w2", "w3"], {"writers": []})
+
+
+def test_checkpoints_that_name_the_hyperparameters_hparams_still_load(tmp_path):
+    # best_model.pth of older versions stored the trial's hyperparameters under "hparams"
+    net = build_model(ModelSpec("small", num_classes=2, img_height=32, img_width=128))
+    hp = {"model_type": "small", "lr": 1e-3}
+    path = tmp_path / "best_model.pth"
+    model.save_torch(model.checkpoint_payload(net, ["a", "b"], {"hparams": hp, "epoch": 3}), path)
+    _, writers, meta = model.load_best_model(path)
+    assert meta["hyperparameters"] == hp and "hparams" not in meta
+    assert writers == ["a", "b"] and meta["epoch"] == 3
 
 
 @pytest.mark.parametrize("model_type,file", [("convnext", CONVNEXT_FILE), ("vit", VIT_FILE)])
@@ -196,6 +226,12 @@ def test_freezing_random_weights_is_refused():
                               pretrained=False, freeze=3))
     with pytest.raises(UsageError, match="0 to 3"):
         build_model(ModelSpec("convnext", num_classes=2, img_height=32, img_width=256, freeze=4))
+
+
+def test_the_search_suggests_freezing_within_what_each_model_allows():
+    assert set(MAX_SUGGESTED_FREEZE) == set(model.FREEZABLE_UNITS)
+    for model_type, top in MAX_SUGGESTED_FREEZE.items():
+        assert 0 < top <= model.FREEZABLE_UNITS[model_type], model_type
 
 
 def test_small_model_overfits_a_tiny_batch():

@@ -75,7 +75,7 @@ def test_flat_layout_is_auto_split(tmp_path):
                                     lines_per_page=2, flat=True)
     assert sorted(p.name for p in root.iterdir()) == ["writer_00", "writer_01", "writer_02"]
     index = data_index.index_dataset(str(root))
-    assert index.auto_split and {s: len(r) for s, r in index.splits.items()} == {
+    assert {s: len(r) for s, r in index.splits.items()} == {
         "train": 18, "val": 12, "test": 6}
 
 
@@ -165,7 +165,7 @@ def test_cli_makes_a_flat_data_set_and_rejects_a_used_folder(tmp_path, capsys):
     assert synthetic.main(["make-synthetic", str(out), "--writers", "3", "--pages-per-writer", "2",
                     "--lines-per-page", "2", "--height", "24", "--flat"]) == 0
     assert not (out / "train").exists() and len(list(out.glob("*/*/*.png"))) == 12
-    assert data_index.index_dataset(str(out)).auto_split
+    assert set(data_index.index_dataset(str(out)).splits) == {"train", "val"}  # split by page
     with Image.open(next(out.glob("*/*/*.png"))) as img:
         assert img.size[1] == 24
     assert synthetic.main(["make-synthetic", str(out)]) == 2

@@ -66,6 +66,7 @@ def test_one_real_trial_writes_everything_a_user_reads(data, tmp_path):
     emb, logits = net(torch.ones(2, 1, 32, 256))
     assert writers == config["writers"] and logits.shape == (2, 4)
     assert meta["epoch"] == metrics["best_epoch"]
+    assert meta["hyperparameters"] == config["hyperparameters"]  # one name in both files
     assert "unreadable" in r.stderr  # the corrupt files were reported, not used
     # a changed setting is refused before anything is written, the image cache included
     def files():  # (lock files record who holds them; logs say what happened)

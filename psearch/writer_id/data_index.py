@@ -44,7 +44,6 @@ class DataIndex:
     root: str
     writers: tuple[str, ...]                      # sorted writer names from train/
     splits: Mapping[str, tuple[LineRecord, ...]]  # "train", "val" and, if present, "test"
-    auto_split: bool
     notes: tuple[str, ...]                        # human-readable warnings for the caller to log
 
 
@@ -200,7 +199,7 @@ def _assemble(root: Path, raw: Mapping[str, Mapping[str, list[LineRecord]]], aut
             notes.append("test/: no line images of the train/ writers, test split ignored")
     if "val" not in splits:
         raise DataError(_no_val_message(root, auto, "val" in raw))
-    return DataIndex(str(root), writers, splits, auto, tuple(notes))
+    return DataIndex(str(root), writers, splits, tuple(notes))
 
 
 def _sorted_records(by_writer: Mapping[str, list[LineRecord]],

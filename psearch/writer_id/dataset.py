@@ -156,24 +156,19 @@ class DataBundle:
     test_page_ids: np.ndarray | None
     test_page_writer: np.ndarray | None
     train_labels: np.ndarray
-    skipped: tuple[str, ...]                # unreadable paths, excluded everywhere
-    val_page_names: tuple[str, ...] = ()    # page name per val page id
-    test_page_names: tuple[str, ...] | None = None
 
 
 def _split_data(records: Sequence[LineRecord], cache: ImageCache, label_of: Mapping[str, int],
-                train: bool, seed: int
-                ) -> tuple[LineDataset, np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Dataset of the readable lines, page id per line, label per page, page names."""
+                train: bool, seed: int) -> tuple[LineDataset, np.ndarray, np.ndarray]:
+    """Dataset of the readable lines, page id per line, label per page."""
     usable = [r for r in records if cache.ok[cache.row(r.path)]]
-    names = tuple(sorted({r.page for r in usable}))
-    page_id = {name: i for i, name in enumerate(names)}
-    page_writer = np.zeros(len(names), dtype=np.int64)
+    page_id = {name: i for i, name in enumerate(sorted({r.page for r in usable}))}
+    page_writer = np.zeros(len(page_id), dtype=np.int64)
     for r in usable:
         page_writer[page_id[r.page]] = label_of[r.writer]
     dataset = LineDataset(cache, [cache.row(r.path) for r in usable],
                           [label_of[r.writer] for r in usable], train, seed)
-    return dataset, np.array([page_id[r.page] for r in usable], dtype=np.int64), page_writer, names
+    return dataset, np.array([page_id[r.page] for r in usable], dtype=np.int64), page_writer
 
 
 def make_datasets(index: DataIndex, writers: Sequence[str], height: int, width: int,
@@ -184,22 +179,19 @@ def make_datasets(index: DataIndex, writers: Sequence[str], height: int, width: 
     index = search_subset(index, writers, max_val_pages_per_writer)
     cache = build_or_load_cache(index_paths(index), height, width, cache_dir, processes)
     label_of = {w: i for i, w in enumerate(writers)}
-    train, _, _, _ = _split_data(index.splits["train"], cache, label_of, True, seed)
+    train, _, _ = _split_data(index.splits["train"], cache, label_of, True, seed)
     _check_usable(train, writers, index.root)
-    val, val_ids, val_writer, val_names = _split_data(index.splits["val"], cache, label_of, False,
-                                                      seed)
+    val, val_ids, val_writer = _split_data(index.splits["val"], cache, label_of, False, seed)
     if not len(val):
         raise DataError(f"{index.root!r}: no readable validation lines for the selected writers; "
                         "check the unreadable files listed above")
-    test = test_ids = test_writer = test_names = None
+    test = test_ids = test_writer = None
     if index.splits.get("test"):
-        test, test_ids, test_writer, test_names = _split_data(index.splits["test"], cache,
-                                                              label_of, False, seed)
+        test, test_ids, test_writer = _split_data(index.splits["test"], cache, label_of, False,
+                                                  seed)
     return DataBundle(train=train, val=val, test=test, writers=writers, val_page_ids=val_ids,
                       val_page_writer=val_writer, test_page_ids=test_ids,
-                      test_page_writer=test_writer, train_labels=train.labels.copy(),
-                      skipped=tuple(p for p, ok in zip(cache.paths, cache.ok) if not ok),
-                      val_page_names=val_names, test_page_names=test_names)
+                      test_page_writer=test_writer, train_labels=train.labels.copy())
 
 
 def _check_usable(train: LineDataset, writers: tuple[str, ...], root: str) -> None:

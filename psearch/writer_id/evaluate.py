@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from psearch.engine import layout
 from psearch.engine.errors import UsageError
 from psearch.writer_id import data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
@@ -36,8 +37,8 @@ def evaluate_checkpoint(best_model_path: str | Path, split: str = "test",
     if not index.splits.get(split):
         raise UsageError(f"{root} has no {split}/ lines for the model's writers")
     bundle = dataset.make_datasets(index, writers, settings["img_height"], settings["img_width"],
-                                   settings.get("cache_dir") or Path(settings["checkpoint_dir"])
-                                   / "cache",
+                                   settings.get("cache_dir")
+                                   or layout.cache_dir(settings["checkpoint_dir"]),
                                    # the search's own subset, so that its image cache is reused
                                    max_val_pages_per_writer=settings["max_val_pages_per_writer"],
                                    seed=settings["seed"], processes=available_cores())
@@ -65,8 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        if not Path(ns.checkpoint).is_file():
-            raise UsageError(f"checkpoint {ns.checkpoint!r} does not exist")
         with torch.no_grad():
             print(json.dumps(evaluate_checkpoint(ns.checkpoint, ns.split, ns.data_root), indent=2))
     except UsageError as exc:

@@ -32,7 +32,9 @@ from psearch.writer_id.names import MODEL_CHOICES
 
 logger = logging.getLogger(__name__)
 
-MAX_FREEZE = {"convnext": 3, "vit": 11}
+# The most stages (ConvNeXt, of 4) or encoder blocks (ViT, of 12) `freeze` may cover: all but
+# the last, which always trains.
+FREEZABLE_UNITS = {"convnext": 3, "vit": 11}
 # Logit scale of the cosine classifier (NormFace): cosines lie in [-1, 1], so softmax needs a
 # temperature; 16 lets the true class reach p > 0.99 against a thousand writers.
 COSINE_SCALE = 16.0
@@ -358,8 +360,8 @@ def _validate(spec: ModelSpec) -> None:
     min_size = {"small": 8, "convnext": 32}.get(spec.model_type, 1)
     check(min(spec.img_height, spec.img_width) >= min_size, f"{spec.model_type} needs images of "
           f"at least {min_size}x{min_size} pixels, got {spec.img_height}x{spec.img_width}")
-    if spec.model_type in MAX_FREEZE:
-        top = MAX_FREEZE[spec.model_type]
+    if spec.model_type in FREEZABLE_UNITS:
+        top = FREEZABLE_UNITS[spec.model_type]
         check(0 <= spec.freeze <= top, f"{spec.model_type}: freeze={spec.freeze} is out of "
               f"range; use 0 to {top}")
         check(spec.pretrained or spec.freeze == 0, f"{spec.model_type}: freeze={spec.freeze} "
@@ -447,6 +449,9 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 def load_best_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[WriterNet, list[str], dict]:
     """(model in eval mode, writer names by class index, the checkpoint without its state dict)."""
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist; pass the best_model.pth of a "
+                         "trial folder or of best_overall/")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
     if missing:
@@ -455,4 +460,7 @@ def load_best_model(path: str | os.PathLike, map_location: str | torch.device = 
     model = WriterNet(ModelSpec.from_dict(ckpt["model_spec"]))
     model.load_state_dict(ckpt["state_dict"])
     model.to(map_location).eval()
-    return model, list(ckpt["writers"]), {k: v for k, v in ckpt.items() if k != "state_dict"}
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    if "hparams" in meta:  # the name of "hyperparameters" in checkpoints of older versions
+        meta.setdefault("hyperparameters", meta.pop("hparams"))
+    return model, list(ckpt["writers"]), meta

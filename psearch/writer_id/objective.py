@@ -17,6 +17,7 @@ import torch
 
 from psearch.engine import atomic, layout
 from psearch.engine.config import SearchConfig
+from psearch.engine.devices import loader_processes
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopFlag, StopRequested
 from psearch.writer_id import data_index, dataset, model as model_lib
@@ -108,8 +109,10 @@ class WriterObjective:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.device = pick_device()
-        # Loader processes share this worker's cores; more than the cores only adds switching.
-        self.num_workers = min(cfg.num_workers, max(0, available_cores() - 1))
+        # The launcher already fit --num_workers to this worker's share of cores (and then sets
+        # cpu_threads): use it as given. A stand-alone worker applies the same rule to its cores.
+        self.num_workers = (cfg.num_workers if cpu_threads
+                            else loader_processes(cfg.num_workers, available_cores()))
         self._data: dataset.DataBundle | None = None
 
     @property
@@ -124,15 +127,15 @@ class WriterObjective:
         hp = suggest_hparams(trial, cfg.models, pretrained=not cfg.no_pretrained,
                              epochs=cfg.epochs)
         resumed_from = trial.user_attrs.get("resumed_from")
+        # config.json and the checkpoints share these keys (evaluate.py reads "settings")
+        record = {"trial_number": trial.number, "hyperparameters": hp, "settings": cfg.to_dict()}
         atomic.write_json(trial_dir / "config.json", {
-            "trial_number": trial.number, "hyperparameters": hp, "settings": cfg.to_dict(),
-            "writers": list(data.writers), "resumed_from": resumed_from,
+            **record, "writers": list(data.writers), "resumed_from": resumed_from,
             "device": str(self.device)})
         logger.info("Trial %d hyperparameters: %s", trial.number, hp)
         trainer = Trainer(model_lib.build_model(model_spec(hp, len(data.writers), cfg)), data,
                           train_config(hp, cfg, self.num_workers), self.device, trial_dir,
-                          {"trial_number": trial.number, "hparams": hp, "settings": cfg.to_dict(),
-                           "title": f"Trial {trial.number} ({hp['model_type']})"},
+                          {**record, "title": f"Trial {trial.number} ({hp['model_type']})"},
                           stop_check=self.stop.check)
         resume_path = self._resume_source(trial, trial_dir, resumed_from)
         status = "failed"

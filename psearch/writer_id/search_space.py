@@ -9,7 +9,10 @@ import optuna
 # Learning-rate ranges per model: a compact CNN from scratch wants far larger steps than a
 # pretrained backbone being fine-tuned.
 LR_RANGE = {"small": (3e-4, 3e-3), "convnext": (2e-5, 5e-4), "vit": (1e-5, 3e-4)}
-MAX_FREEZE = {"convnext": 2, "vit": 6}   # stages / encoder blocks
+# The most stages / encoder blocks a trial may freeze: a choice of the search, within what the
+# model allows (model.FREEZABLE_UNITS, checked by tests/test_model.py; not imported, so that
+# this module loads without torch).
+MAX_SUGGESTED_FREEZE = {"convnext": 2, "vit": 6}
 
 
 def suggest_hparams(trial: optuna.Trial, models: Sequence[str], pretrained: bool,
@@ -23,8 +26,8 @@ def suggest_hparams(trial: optuna.Trial, models: Sequence[str], pretrained: bool
     hp["drop_path"] = (trial.suggest_float("drop_path", 0.0, 0.3)
                        if model_type in ("convnext", "vit") else 0.0)
     hp["embedding_dim"] = trial.suggest_categorical("embedding_dim", [128, 256, 512])
-    hp["freeze"] = (trial.suggest_int("freeze", 0, MAX_FREEZE[model_type])
-                    if pretrained and model_type in MAX_FREEZE else 0)
+    hp["freeze"] = (trial.suggest_int("freeze", 0, MAX_SUGGESTED_FREEZE[model_type])
+                    if pretrained and model_type in MAX_SUGGESTED_FREEZE else 0)
     hp["loss"] = trial.suggest_categorical("loss", ["ce", "focal"])
     if hp["loss"] == "ce":
         hp["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)

@@ -1,0 +1,75 @@
+"""evaluate.py on a best_model.pth laid out as a real trial writes it (an untrained `small` model
+on tiny synthetic data): the metrics, the command line and its errors."""
+import json
+
+import optuna
+import pytest
+
+from psearch.engine import layout
+from psearch.engine.config import SearchConfig
+from psearch.engine.errors import UsageError
+from psearch.writer_id import data_index, evaluate, model as model_lib, objective
+from psearch.writer_id.search_space import suggest_hparams
+from psearch.writer_id.synthetic import make_synthetic
+
+METRICS = ("page_top1", "page_top5", "page_map", "line_acc", "page_cls_acc")
+
+
+@pytest.fixture(scope="module")
+def best_model(tmp_path_factory):
+    """Trial 0's best_model.pth: what `train.Trainer._save_best` writes for `objective.py`."""
+    root = tmp_path_factory.mktemp("evaluate")
+    # 6 pages: 3 train, 2 val, 1 test (split into two half-pages, so retrieval can be measured)
+    data = make_synthetic(root / "data", writers=3, pages_per_writer=6, lines_per_page=2,
+                          height=32)
+    cfg = SearchConfig(data_root=str(data), checkpoint_dir=str(root / "run"), n_trials=1,
+                       batch_size=4, img_height=32, img_width=128, models=("small",),
+                       no_pretrained=True)
+    writers = data_index.index_dataset(cfg.data_root).writers
+    hp = suggest_hparams(optuna.create_study().ask(), cfg.models, pretrained=False, epochs=1)
+    net = model_lib.build_model(objective.model_spec(hp, len(writers), cfg))
+    meta = {"trial_number": 0, "hyperparameters": hp, "settings": cfg.to_dict(),
+            "title": "Trial 0 (small)", "epoch": 1, "metrics": {}}
+    path = layout.trial_dir(cfg.checkpoint_dir, 0) / "best_model.pth"
+    path.parent.mkdir(parents=True)
+    model_lib.save_torch(model_lib.checkpoint_payload(net, writers, meta), path)
+    return path, data
+
+
+def test_metrics_on_the_test_split(best_model):
+    path, data = best_model
+    found = evaluate.evaluate_checkpoint(path, split="test", data_root=str(data))
+    assert found["split"] == "test" and found["lines"] == 6
+    assert found["pages"] == found["retrieval_queries"] == 6   # 3 writers x 2 half-pages
+    assert all(0.0 <= found[k] <= 1.0 for k in METRICS), found
+    # each query has its one other half-page among 5 candidates: always in the top 5, and
+    # average precision 1/rank is at least the top-1 hit
+    assert found["page_top5"] == 1.0
+    assert found["page_top1"] <= found["page_map"] and found["page_map"] >= 1 / 5
+    assert layout.cache_dir(path.parents[1]).is_dir()   # the search's image cache, reused
+
+
+def test_command_line_prints_the_same_metrics(best_model, capsys):
+    path, data = best_model
+    assert evaluate.main([str(path)]) == 0   # the data root the model was trained on
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == evaluate.evaluate_checkpoint(path, split="test", data_root=str(data))
+    assert evaluate.main([str(path), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "val"
+
+
+def test_bad_checkpoint_path_is_a_usage_error(tmp_path, capsys):
+    missing = tmp_path / "no such" / "best_model.pth"
+    with pytest.raises(UsageError, match="does not exist"):
+        evaluate.evaluate_checkpoint(missing)
+    assert evaluate.main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
+
+
+def test_data_without_a_test_split_is_a_usage_error(best_model, tmp_path, capsys):
+    path, _ = best_model
+    no_test = make_synthetic(tmp_path / "no test", writers=3, pages_per_writer=3,
+                             lines_per_page=1, height=32)
+    assert evaluate.main([str(path), "--data_root", str(no_test)]) == 2
+    assert "has no test/ lines" in capsys.readouterr().err
