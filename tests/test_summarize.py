@@ -1,4 +1,4 @@
-"""Tests of summarize.py on real studies: SQLite (and a journal file for 1,200 trials), made with
+"""Tests of summarize.py on real studies: SQLite (and a journal file for 1,000 trials), made with
 the worker on a tiny custom objective or with Optuna directly."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -372,3 +373,215 @@ def test_import_does_not_load_torch_or_pyplot():
     code = ("import sys, summarize; bad = {'torch', 'matplotlib.pyplot'} & set(sys.modules); "
             "sys.exit(str(bad) if bad else 0)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+# ---------------------------------------------------------------- readable figures and report
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _captured_figures(monkeypatch) -> list:
+    """Figures the plotting functions would save, kept open for the test to read."""
+    figures = []
+    monkeypatch.setattr(summary_plots, "_save",
+                        lambda fig, path, tight_bbox=False: figures.append(fig))
+    return figures
+
+
+def with_params(t: FrozenTrial, params: dict, distributions: dict | None = None) -> FrozenTrial:
+    """`t` with other hyperparameters (of DISTS unless `distributions` says otherwise)."""
+    return FrozenTrial(number=t.number, state=t.state, value=t.value, values=None,
+                       datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
+                       params=params, distributions=distributions or DISTS,
+                       user_attrs=t.user_attrs, system_attrs={}, trial_id=t.number,
+                       intermediate_values=t.intermediate_values)
+
+
+def _shown_labels(fig, ax, axis) -> list:
+    """(text, window extent) of the tick labels drawn inside the axes, left to right."""
+    fig.canvas.draw()
+    left, right = ax.bbox.x0, ax.bbox.x1
+    labels = [label for minor in (False, True) for label in axis.get_ticklabels(minor=minor)
+              if label.get_visible() and label.get_text()]
+    boxes = [(label.get_text(), label.get_window_extent()) for label in labels]
+    return sorted((b for b in boxes if left - 1 <= (b[1].x0 + b[1].x1) / 2 <= right + 1),
+                  key=lambda b: b[1].x0)
+
+
+def test_compact_numbers():
+    assert [summary_plots.compact_number(v) for v in (0.0, 0.5, 0.0031041, 3.0404e-4, 1.5e6,
+                                                      -2e-5, 256.0, 12345.0)] == \
+        ["0", "0.5", "0.003104", "3.04e-4", "1.5e6", "-2e-5", "256", "1.234e4"]
+    assert summary_plots.tick_labels([1e-4, 1e-3, 1e-2]) == ["1e-4", "1e-3", "1e-2"]
+    assert summary_plots.tick_labels([0.5, 1.0, 2.0]) == ["0.5", "1", "2"]
+
+
+@pytest.mark.parametrize("lo, hi", [(3e-4, 3e-3), (2e-5, 5e-4), (0.5, 5.0), (1e-6, 1e-1),
+                                    (1e-8, 1e-2), (3.1e-4, 3.9e-4), (3e-4, 4.5e-4)])
+def test_log_ticks_are_few(lo, hi):
+    ticks = summary_plots.log_ticks(lo, hi)
+    assert 2 <= len(ticks) <= 6 and all(lo * 0.99 <= t <= hi * 1.01 for t in ticks)
+    assert all(len(label) <= 6 for label in summary_plots.tick_labels(ticks))
+
+
+@pytest.mark.parametrize("lo, hi", [(3e-4, 3e-3), (2e-5, 5e-4), (0.5, 5.0), (1e-6, 1e-1),
+                                    (3e-4, 6e-4), (3e-4, 3e-4)])
+def test_log_axis_labels_do_not_overlap(lo, hi):
+    """A learning rate over a decade or less is where matplotlib labels its minor ticks too;
+    all trials at one value leave no round value to label."""
+    plt = _pyplot()
+    dist = FloatDistribution(lo, hi, log=True)
+    values = np.geomspace(lo, hi, 7)
+    trials = [with_params(trial(i, value=0.5 + i / 100), {"lr": v}, {"lr": dist})
+              for i, v in enumerate(values)]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))  # one panel of the hyperparameter figure
+    summary_plots._param_panel(ax, "lr", trials, None)
+    labels = _shown_labels(fig, ax, ax.xaxis)
+    plt.close(fig)
+    assert len(labels) >= 2, labels
+    for (text, box), (next_text, next_box) in zip(labels, labels[1:]):
+        assert box.x1 + 2 < next_box.x0, f"{text!r} runs into {next_text!r}"
+
+
+def test_box_plots_only_from_four_values():
+    acts = ["relu"] * 5 + ["gelu"] * 3 + ["tanh"]
+    trials = [with_params(trial(i, value=i / 10), {**trial(i).params, "act": a})
+              for i, a in enumerate(acts)]
+    trials.append(with_params(trial(9, TrialState.PRUNED, value=0.1),
+                              {**trial(9).params, "act": "gelu"}))
+    groups = summary_plots.box_groups("act", ["relu", "gelu", "tanh"], trials)
+    assert groups == [(0, [0.0, 0.1, 0.2, 0.3, 0.4])]  # gelu: 3 completed + 1 pruned, no box
+
+
+def test_history_ticks_are_whole_trial_numbers(monkeypatch, tmp_path):
+    figures = _captured_figures(monkeypatch)
+    summary_plots.plot_history([trial(i, value=i / 10) for i in range(5)], "maximize", "v",
+                               tmp_path / "h.png")
+    ax = figures[0].axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    _pyplot().close(figures[0])
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+@pytest.mark.parametrize("n_complete, rough", [(5, True), (10, False)])
+def test_importances_from_few_trials_carry_a_caution(monkeypatch, tmp_path, n_complete, rough):
+    assert (summary_plots.importance_caution(n_complete) is not None) == rough
+    figures = _captured_figures(monkeypatch)
+    trials = [trial(i, value=(i * 7 % 11) / 10) for i in range(n_complete)]
+    trials.append(trial(n_complete, TrialState.PRUNED, value=0.1))  # pruned ones do not count
+    summary_plots.plot_importances(trials, "maximize", "v", tmp_path / "i.png")
+    texts = " ".join(t.get_text() for t in figures[0].axes[0].texts)
+    _pyplot().close(figures[0])
+    assert (f"Only {n_complete} completed trials: importances are rough" in texts) == rough
+
+    ckpt = tmp_path / "c"
+    make_study(ckpt, trials)
+    assert run(ckpt) == 0
+    report = (ckpt / "summary" / "report.md").read_text()
+    assert (f"only {n_complete} completed trials: importances are rough" in report) == rough
+
+
+def test_curves_are_thinned_evenly_by_rank():
+    ranked = [trial(i, value=1 - i / 1000) for i in range(500)]
+    picked = summary_plots.thin_by_rank(ranked, 100)
+    assert len(picked) == 100 and picked[0] is ranked[0] and picked[-1] is ranked[-1]
+    gaps = np.diff([t.number for t in picked])
+    assert gaps.min() >= 4 and gaps.max() <= 6
+    assert summary_plots.thin_by_rank(ranked[:80], 100) == ranked[:80]
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    states = [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    summary_plots._curves_panel(ax, [trial(i, states[i % 3], value=i / 300) for i in range(300)],
+                                "maximize", "v")
+    title, labels = ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert title == "Validation curves of 100 of 300 trials, evenly spaced by rank"
+    assert labels[:2] == ["complete (67 of 200)", "pruned (33 of 100)"]
+
+
+# A search space like the built-in one: many parameters, some conditional, long names and values.
+WIDE_DISTS = {
+    "model_type": CategoricalDistribution(["small", "convnext", "vit"]),
+    "learning_rate_of_the_backbone": FloatDistribution(1e-5, 3e-4, log=True),
+    "weight_decay": FloatDistribution(1e-6, 1e-1, log=True),
+    "dropout": FloatDistribution(0.0, 0.5), "embedding_dim": CategoricalDistribution([128, 512]),
+    "loss": CategoricalDistribution(["ce", "focal"]), "warmup_epochs": IntDistribution(0, 5),
+    "label_smoothing": FloatDistribution(0.0, 0.2), "focal_gamma": FloatDistribution(1.0, 3.0),
+    "grad_clip": FloatDistribution(0.5, 5.0, log=True),
+    "augmentation": CategoricalDistribution(["none", "a-rather-long-augmentation-policy-name-v2"]),
+}
+
+
+def wide_trial(number: int, state: TrialState = TrialState.COMPLETE) -> FrozenTrial:
+    """A trial of WIDE_DISTS, its parameters and value drawn from its number."""
+    rng = np.random.default_rng(number)
+    params = {}
+    for name, dist in WIDE_DISTS.items():
+        if isinstance(dist, CategoricalDistribution):
+            params[name] = dist.choices[rng.integers(len(dist.choices))]
+        elif isinstance(dist, IntDistribution):
+            params[name] = int(rng.integers(dist.low, dist.high + 1))
+        elif dist.log:
+            params[name] = float(np.exp(rng.uniform(np.log(dist.low), np.log(dist.high))))
+        else:
+            params[name] = float(rng.uniform(dist.low, dist.high))
+    params.pop("focal_gamma" if params["loss"] == "ce" else "label_smoothing")
+    value = float(rng.uniform(0.2, 0.9))
+    base = trial(number, state, value=value, curve=20, val_page_top1=value,
+                 val_page_top5=min(1.0, value + 0.1), val_page_map=value * 0.9,
+                 a_custom_metric_with_a_very_long_name_indeed=value / 3)
+    return with_params(base, params, {n: WIDE_DISTS[n] for n in params})
+
+
+def _top_section(report: str) -> list[str]:
+    return report.split("## Top 5 trials")[1].split("## Files")[0].strip().splitlines()
+
+
+def test_top_table_is_narrow_markdown(tmp_path):
+    ckpt = tmp_path / "c"
+    trials = [wide_trial(i) for i in range(8)]
+    make_study(ckpt, trials)
+    assert run(ckpt) == 0
+    section = _top_section((ckpt / "summary" / "report.md").read_text())
+    assert max(map(len, section)) <= 120, "\n".join(section)
+    header, rule, *rows = section[:7]
+    assert header.startswith("| # | trial |") and set(rule) <= set("|-:") and len(rows) == 5
+    best = max(trials, key=lambda t: t.value)
+    assert rows[0].split("|")[2].strip() == str(best.number)
+    assert f"{best.value:.4g}" in rows[0]
+    lines = "\n".join(section)
+    lr = best.params["learning_rate_of_the_backbone"]
+    assert f"learning_rate_of_the_backbone={summary_plots.compact_number(lr)}" in lines
+    # The table keeps a few numbers per trial; the CSV keeps them all, at full precision.
+    top5 = read_csv(ckpt, "top5_trials.csv")
+    assert top5.loc[0, "learning_rate_of_the_backbone"] == pytest.approx(lr, rel=1e-12)
+    assert "a_custom_metric_with_a_very_long_name_indeed" in top5.columns
+    assert "top5_trials.csv" in lines
+
+
+def test_markdown_table_lines_up():
+    assert summarize.markdown_table(["a", "bb"], [["1", "2"], ["333", "4"]]) == [
+        "|   a | bb |", "|----:|---:|", "|   1 |  2 |", "| 333 |  4 |"]
+
+
+def test_500_wide_trials_summary_is_quick(tmp_path):
+    log = tmp_path / "journal.log"  # a journal file is written much faster than SQLite
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(log)))
+    study = optuna.create_study(storage=storage, study_name="wide")
+    states = [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
+    study.add_trials([wide_trial(i, states[i % 4]) for i in range(500)])
+    started = time.monotonic()
+    assert run(tmp_path, "--storage", f"journal:///{log}") == 0
+    elapsed = time.monotonic() - started
+    print(f"summary of 500 trials with {len(WIDE_DISTS)} hyperparameters: {elapsed:.1f} s")
+    assert elapsed < 30
+    assert_summary_files(tmp_path)
+    assert max(map(len, _top_section((tmp_path / "summary" / "report.md").read_text()))) <= 120

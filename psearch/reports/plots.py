@@ -33,6 +33,14 @@ STATE_STYLE = {  # state -> (colour, legend name)
 BEST_COLOUR = "black"
 # Past this many trials, tick labels per trial become unreadable: label ranks and the top 5.
 MAX_LABELLED_TRIALS = 40
+# Past this many, the validation curves merge into one band: draw an even sample along the ranks.
+MAX_CURVES = 100
+# Past this many points in one panel, markers shrink and fade so that dense regions still read.
+MANY_POINTS = 200
+# A box from one to three values draws quartiles that are not there: show the points alone.
+MIN_BOX_POINTS = 4
+# Importances from fewer completed trials rank noise as much as the parameters.
+MIN_TRIALS_FOR_IMPORTANCES = 10
 DPI = 110
 
 
@@ -86,6 +94,83 @@ def draw_or_explain(path: Path, title: str, draw: Callable[[Path], None]) -> Non
         placeholder(path, title, f"This figure could not be drawn: {type(exc).__name__}: {exc}")
 
 
+# ---------------------------------------------------------------- numbers and ticks
+
+def compact_number(v: float, digits: int = 4, scientific: bool | None = None) -> str:
+    """`digits` significant digits, short: 0.5, 0.003104, 3.04e-4, 1.5e6 (pure). Scientific
+    notation when the number is small or large, unless `scientific` says otherwise."""
+    if scientific is None:
+        scientific = v != 0 and not 1e-3 <= abs(v) < 1e4
+    text = f"{v:.{digits - 1}e}" if scientific else f"{v:.{digits}g}"
+    if "e" not in text:  # also nan and inf
+        return text
+    mantissa, exponent = text.split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def log_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """Major tick values for a log axis over [lo, hi], at most `most` of them (pure).
+
+    The densest series that fits: 1..9, 1-2-5, 1 per decade, 1 per 2, 3, ... decades.
+    Matplotlib's own locator labels the minor ticks as well when the span is about a decade
+    (a learning rate between 3e-4 and 3e-3), and those labels run into each other."""
+    if not 0 < lo <= hi:
+        return []
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    series = [(range(1, 10), 1), ((1, 2, 3, 5), 1), ((1, 2, 5), 1), ((1, 3), 1)]
+    series += [((1,), step) for step in range(1, last - first + 2)]
+    for mantissas, step in series:
+        ticks = [m * 10.0 ** e for e in range(first, last + 1, step) for m in mantissas
+                 if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) <= most:
+            break
+    if len(ticks) >= 2:
+        return ticks
+    # Too short a span for two round values (one trial, or all alike): even linear steps.
+    from matplotlib.ticker import MaxNLocator
+
+    return [float(t) for t in MaxNLocator(nbins=3).tick_values(lo, hi) if lo <= t <= hi]
+
+
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Short labels in one notation for the whole axis: 1e-4, 1e-3, 1e-2, not 1e-4, 0.001 (pure)."""
+    scientific = any(v != 0 and not 1e-3 <= abs(v) < 1e4 for v in ticks)
+    return [compact_number(v, scientific=scientific) for v in ticks]
+
+
+def _log_axis(axis: Any) -> None:
+    """Few, short, non-overlapping labels on a log axis; unlabelled minor ticks between them.
+    Chosen at draw time, from the limits the axis ends up with."""
+    from matplotlib.ticker import Formatter, Locator, NullFormatter
+
+    class FewTicks(Locator):
+        def __call__(self) -> list[float]:
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin: float, vmax: float) -> list[float]:
+            return log_ticks(min(vmin, vmax), max(vmin, vmax))
+
+    class ShortLabels(Formatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return compact_number(x)
+
+        def format_ticks(self, values: Sequence[float]) -> list[str]:
+            return tick_labels(values)
+
+    axis.set_major_locator(FewTicks())
+    axis.set_major_formatter(ShortLabels())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _integer_axis(axis: Any) -> None:
+    """Trial numbers, ranks and epochs are whole: never a tick at 2.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 5, 10], integer=True))
+
+
 # ---------------------------------------------------------------- all trials
 
 def shown_value(t: FrozenTrial) -> float | None:
@@ -117,7 +202,7 @@ def plot_all_trials(trials: Sequence[FrozenTrial], direction: str, metric: str, 
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(17, 6.5))
     _values_panel(left, trials, direction, metric)
-    _curves_panel(right, trials, study_lib.best_complete(trials, direction), metric)
+    _curves_panel(right, trials, direction, metric)
     fig.suptitle(title, fontsize=15)
     fig.tight_layout()
     _save(fig, path)
@@ -132,7 +217,7 @@ def _values_panel(ax: Any, trials: Sequence[FrozenTrial], direction: str, metric
         if group:
             note = "" if state == TrialState.COMPLETE else ", last reported value"
             ax.scatter([rank[t.number] for t in group], [shown_value(t) for t in group],
-                       color=colour, s=36 if len(ranked) <= 200 else 10, zorder=3,
+                       color=colour, s=36 if len(ranked) <= MANY_POINTS else 10, zorder=3,
                        label=f"{name} ({len(group)}{note})")
     _label_ranks(ax, ranked, direction)
     ax.set_title(f"Every trial's value, best first ({direction})")
@@ -160,6 +245,7 @@ def _label_ranks(ax: Any, ranked: Sequence[FrozenTrial], direction: str) -> None
         return
     ax.set_xlabel(f"rank of {len(ranked)} trials with a value (completed trials best first, "
                   "then the others)")
+    _integer_axis(ax.xaxis)
     done = [t for t in ranked if t.state == TrialState.COMPLETE][:5]
     if not done:
         return
@@ -176,29 +262,45 @@ def _count_by_state(trials: Sequence[FrozenTrial]) -> str:
     return ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names))
 
 
-def _curves_panel(ax: Any, trials: Sequence[FrozenTrial], best: FrozenTrial | None,
-                  metric: str) -> None:
+def thin_by_rank(ranked: Sequence[FrozenTrial], most: int) -> list[FrozenTrial]:
+    """At most `most` trials, evenly spaced along the ranking (the first and the last kept), so
+    that a sample still shows the spread from best to worst of every state (pure)."""
+    if len(ranked) <= most:
+        return list(ranked)
+    picks = np.unique(np.linspace(0, len(ranked) - 1, most).round().astype(int))
+    return [ranked[i] for i in picks]
+
+
+def _curves_panel(ax: Any, trials: Sequence[FrozenTrial], direction: str, metric: str) -> None:
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
-    with_curves = [t for t in trials if t.intermediate_values]
-    many = len(with_curves) > 50
+    with_curves = sorted((t for t in trials if t.intermediate_values),
+                         key=lambda t: rank_key(t, direction))
+    drawn = thin_by_rank(with_curves, MAX_CURVES)
+    many = len(drawn) > 50
     handles = []  # solid proxies: the faint lines themselves would vanish from the legend
     for state, (colour, name) in STATE_STYLE.items():
-        segments = [_curve(t) for t in with_curves if t.state == state]
+        segments = [_curve(t) for t in drawn if t.state == state]
         if segments:
             ax.add_collection(LineCollection(segments, colors=colour, alpha=0.3 if many else 0.7,
                                              linewidths=0.7 if many else 1.3))
-            handles.append(Line2D([], [], color=colour, linewidth=2,
-                                  label=f"{name} ({len(segments)})"))
+            dots = [xy[0] for xy in segments if len(xy) == 1]  # one step draws no line
+            if dots:
+                ax.scatter(*zip(*dots), color=colour, s=10, alpha=0.5 if many else 0.8)
+            total = sum(t.state == state for t in with_curves)
+            shown = f"{len(segments)} of {total}" if len(segments) < total else f"{total}"
+            handles.append(Line2D([], [], color=colour, linewidth=2, label=f"{name} ({shown})"))
+    best = study_lib.best_complete(trials, direction)
     if best is not None and best.intermediate_values:
         xy = np.asarray(_curve(best))
         handles += ax.plot(xy[:, 0], xy[:, 1], color=BEST_COLOUR, linewidth=3, marker="o",
                            markersize=4, zorder=5,
                            label=f"best: trial {best.number} ({best.value:.4g})")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Validation curves of all trials (intermediate values)")
+    _integer_axis(ax.xaxis)
+    ax.set_title("Validation curves of all trials (intermediate values)" if drawn == with_curves
+                 else f"Validation curves of {len(drawn)} of {len(with_curves)} trials, evenly "
+                 "spaced by rank")
     ax.set_xlabel("epoch (reported step)")
     ax.set_ylabel(f"{metric} during training")
     ax.grid(alpha=0.3)
@@ -253,18 +355,17 @@ def _param_panel(ax: Any, name: str, finished: Sequence[FrozenTrial],
                  best: FrozenTrial | None) -> None:
     having = [t for t in finished if name in t.params]
     dist = having[-1].distributions[name]  # the latest trial says how the parameter is searched
-    from matplotlib.ticker import MaxNLocator
-
     if isinstance(dist, CategoricalDistribution):
         position = _categorical_axis(ax, name, dist, having)
     else:
         position = {t.number: t.params[name] for t in having}
         if getattr(dist, "log", False):
             ax.set_xscale("log")
+            _log_axis(ax.xaxis)
         elif isinstance(dist, IntDistribution):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _integer_axis(ax.xaxis)
         ax.set_xlabel(name + (" (log scale)" if getattr(dist, "log", False) else ""))
-    small = len(having) <= 200
+    small = len(having) <= MANY_POINTS
     for state, face in ((TrialState.COMPLETE, STATE_STYLE[TrialState.COMPLETE][0]),
                         (TrialState.PRUNED, "none")):
         group = [t for t in having if t.state == state]
@@ -282,6 +383,15 @@ def _param_panel(ax: Any, name: str, finished: Sequence[FrozenTrial],
     ax.grid(alpha=0.3)
 
 
+def box_groups(name: str, labels: Sequence[str],
+               having: Sequence[FrozenTrial]) -> list[tuple[int, list[float]]]:
+    """(choice index, completed values) of the choices with enough values for a box (pure);
+    the others are shown by their points alone."""
+    groups = [(i, [t.value for t in having if t.state == TrialState.COMPLETE
+                   and str(t.params[name]) == label]) for i, label in enumerate(labels)]
+    return [(i, values) for i, values in groups if len(values) >= MIN_BOX_POINTS]
+
+
 def _categorical_axis(ax: Any, name: str, dist: CategoricalDistribution,
                       having: Sequence[FrozenTrial]) -> dict[int, float]:
     """Boxes of the completed values per choice; returns jittered x positions for the strip."""
@@ -289,9 +399,7 @@ def _categorical_axis(ax: Any, name: str, dist: CategoricalDistribution,
     index = {label: i for i, label in enumerate(labels)}
     jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(having))
     position = {t.number: index.get(str(t.params[name]), 0) + j for t, j in zip(having, jitter)}
-    boxes = [(i, [t.value for t in having if t.state == TrialState.COMPLETE
-                  and str(t.params[name]) == label]) for i, label in enumerate(labels)]
-    boxes = [(i, v) for i, v in boxes if v]
+    boxes = box_groups(name, labels, having)
     if boxes:
         ax.boxplot([v for _, v in boxes], positions=[i for i, _ in boxes], widths=0.5,
                    showfliers=False, medianprops={"color": "dimgray"})
@@ -325,6 +433,11 @@ def plot_history(trials: Sequence[FrozenTrial], direction: str, metric: str, pat
             _study_copy(trials, direction), target_name=metric)
         ax.set_title(title)
         ax.set_xlabel("trial number")
+        _integer_axis(ax.xaxis)
+        if n > MANY_POINTS:  # Optuna's large dots would merge into a solid band
+            for points in ax.collections:
+                points.set_sizes([12])
+                points.set_alpha(0.6)
         ax.figure.set_size_inches(10, 6)
         _save(ax.figure, path, tight_bbox=True)
 
@@ -346,12 +459,27 @@ def plot_importances(trials: Sequence[FrozenTrial], direction: str, metric: str,
     with _quiet_style():
         ax = optuna.visualization.matplotlib.plot_param_importances(
             _study_copy(trials, direction), params=varied, target_name=metric)
-        ax.set_title(title, loc="left")  # replaces Optuna's own left-aligned title
+        caution = importance_caution(len(done))
+        # Optuna's own title is left-aligned: this replaces it. A caution goes between the
+        # title and the bars, where no bar can hide it.
+        ax.set_title(title, loc="left", pad=30 if caution else 6)
+        if caution:
+            ax.text(0, 1.015, caution[:1].upper() + caution[1:], transform=ax.transAxes,
+                    va="bottom", fontsize=12, color="firebrick",
+                    bbox={"facecolor": "white", "edgecolor": "firebrick"})
         ax.set_xlabel("importance (normalised to sum to 1)")
         if ax.get_legend() is not None:  # one objective: its legend says nothing new
             ax.get_legend().remove()
         ax.figure.set_size_inches(10, max(4, 0.5 * len(varied) + 2))
         _save(ax.figure, path, tight_bbox=True)
+
+
+def importance_caution(n_complete: int) -> str | None:
+    """The warning a figure and the report carry when importances rest on few trials (pure)."""
+    if n_complete >= MIN_TRIALS_FOR_IMPORTANCES:
+        return None
+    return (f"only {n_complete} completed trial{'' if n_complete == 1 else 's'}: importances "
+            f"are rough (trust them from about {MIN_TRIALS_FOR_IMPORTANCES})")
 
 
 def varied_params(done: Sequence[FrozenTrial]) -> list[str]:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +44,11 @@ RUN_ATTRS = ("worker", "attempt", "resumed_from", "fail_reason")
 # Bookkeeping that identifies a process, not a trial's result: left out of tables and metrics.
 PROCESS_ATTRS = (*ownership.OWNER_KEYS, "checkpoint_dir", "heartbeat_at")
 TOP_K = 5
+# The columns every trial has, first in all_trials.csv.
+FIXED_COLUMNS = ("number", "state", "value", "duration_s")
+# report.md's top table stays narrow enough for a Markdown viewer; top5_trials.csv has it all.
+REPORT_METRICS = 3
+REPORT_WIDTH = 100
 FIGURES = {
     "all_trials_comparison.png": "every trial's value (best first) and all validation curves",
     "hyperparameter_relationships.png": "the value against each hyperparameter",
@@ -155,7 +161,7 @@ def _duration_s(t: FrozenTrial) -> float | None:
 def trials_table(trials: Sequence[FrozenTrial], direction: str,
                  checkpoint_dir: Path) -> pd.DataFrame:
     """One row per trial, best first: number, state, value, duration, params, metrics, run info."""
-    fixed = ["number", "state", "value", "duration_s"]
+    fixed = list(FIXED_COLUMNS)
     param_names = list(dict.fromkeys(n for t in trials for n in sorted(t.params)))
     rows = []
     for t in sorted(trials, key=lambda t: plots.rank_key(t, direction)):
@@ -359,19 +365,101 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
              f"{device_hours:.2f} device-hours ({_hms(device_hours * 3600)}) in ended trials",
              ""]
     lines += _best_section(snap, outcome, checkpoint_dir)
-    # Where and when a trial ran is in all_trials.csv; the report keeps the columns that compare.
-    top = top_table(table).drop(columns=[*RUN_ATTRS, "datetime_start", "datetime_complete"])
-    top = top.dropna(axis=1, how="all")
     lines += ["", f"## Top {TOP_K} trials", ""]
-    lines += (["```", top.to_string(index=False, float_format="{:.4g}".format), "```"]
-              if len(top) else ["No completed trial yet."])
+    params = sorted({_param_column(n, FIXED_COLUMNS) for t in snap.trials for n in t.params})
+    lines += top_section(top_table(table), params)
     lines += ["", "## Files", ""]
-    lines += [f"- `{checkpoint_dir / 'summary' / n}`: {what}" for n, what in FIGURES.items()]
+    lines += _figure_lines(checkpoint_dir, counts.complete)
     lines += [f"- `{checkpoint_dir / 'summary' / 'all_trials.csv'}`, `top5_trials.csv`: tables, "
               "best first",
               f"- `{checkpoint_dir / 'best_overall'}`: the best completed trial's files"
               + ("" if (layout.best_dir(checkpoint_dir)).is_dir() else " (none yet)"), ""]
     return "\n".join(lines)
+
+
+def _figure_lines(checkpoint_dir: Path, n_complete: int) -> list[str]:
+    """One line per figure; the importances carry the figure's caution when trials are few."""
+    caution = plots.importance_caution(n_complete) if n_complete else None  # none: a placeholder
+    return [f"- `{checkpoint_dir / 'summary' / name}`: {what}"
+            + (f" — **{caution}**" if caution and name == "param_importances.png" else "")
+            for name, what in FIGURES.items()]
+
+
+def top_section(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """The top trials in Markdown: a narrow table of numbers, then each trial's hyperparameters
+    on wrapped lines (a table with one column per parameter is too wide to read)."""
+    if not len(top):
+        return ["No completed trial yet."]
+    params = [p for p in params if p in top.columns and top[p].notna().any()]
+    metrics = _report_metrics(top, params)
+    header = ["#", "trial", "value", "duration", *(_short(m, 20) for m in metrics)]
+    rows = [[str(rank), str(row["number"]), _cell(row["value"]), _duration_cell(row["duration_s"]),
+             *(_cell(row[m]) for m in metrics)] for rank, (_, row) in enumerate(top.iterrows(), 1)]
+    shared = [p for p in params if top[p].notna().all()
+              and top[p].map(_cell).nunique() == 1] if len(top) > 1 else []
+    intro = "Hyperparameters, best first." + (
+        f" Shared by all {len(top)}: {_settings(top.iloc[0], shared)}." if shared else "")
+    lines = markdown_table(header, rows) + [""] + _wrapped(intro, "") + [""]
+    for _, row in top.iterrows():
+        own = _settings(row, [p for p in params if p not in shared]) or "(only the shared ones)"
+        lines += _wrapped(f"- trial {row['number']}: {own}", "  ")
+    return lines + ["", "Every column, at full precision: `top5_trials.csv`, `all_trials.csv`."]
+
+
+def _report_metrics(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """The first few numeric metric columns that the top trials have (the objective's key
+    metrics come first in the table)."""
+    skip = {*FIXED_COLUMNS, *params, *RUN_ATTRS, "datetime_start", "datetime_complete"}
+    numeric = [c for c in top.columns if c not in skip and top[c].notna().any()
+               and pd.api.types.is_numeric_dtype(top[c])]
+    return numeric[:REPORT_METRICS]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A right-aligned Markdown table, padded so that the raw text lines up too (pure)."""
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
+            *map(line, rows)]
+
+
+def _settings(row: pd.Series, params: Sequence[str]) -> str:
+    """`lr=3.04e-4, model_type=convnext`: the parameters this trial has (conditional ones
+    are missing in some)."""
+    return ", ".join(f"{p}={_cell(row[p])}" for p in params if not _missing(row[p]))
+
+
+def _wrapped(text: str, indent: str) -> list[str]:
+    # Markdown joins the lines again; the raw file stays readable too.
+    return textwrap.wrap(text, REPORT_WIDTH, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _cell(value: Any) -> str:
+    """A value in a few characters: floats to 4 significant digits, long text cut."""
+    if _missing(value):
+        return "-"
+    if isinstance(value, float):
+        return plots.compact_number(value)
+    return _short(str(value), 40)
+
+
+def _duration_cell(seconds: Any) -> str:
+    """Under a minute in seconds (a quick objective's trial), else as the wall time is."""
+    if _missing(seconds):
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 59.95 else _hms(seconds)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _short(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "…"
 
 
 def _fail_reasons(trials: Sequence[FrozenTrial]) -> list[str]:
