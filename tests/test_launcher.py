@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from psearch.engine import devices, launcher as ps, progress
+from psearch.engine import console, devices, launcher as ps, ownership, progress, supervisor as sup
 from psearch.engine.config import SearchConfig, child_env, config_from_args
 from psearch.engine.study import Counts
 from psearch.engine.workers import Controller, Worker, backoff_s
@@ -26,24 +26,24 @@ from launcher_runs import ROOT, SLEEPY, _descendants_by_env, by_state, envs, max
 @pytest.mark.parametrize("code, kind", [(0, "done"), (2, "usage"), (3, "failures"), (1, "died"),
                                         (130, "died"), (143, "died"), (-9, "died"), (-11, "died")])
 def test_worker_exit_codes(code, kind):
-    assert ps.classify_exit(code) == kind
+    assert sup.classify_exit(code) == kind
 
 
 def test_describe_exit():
-    assert ps.describe_exit(-9) == "killed by SIGKILL"
-    assert ps.describe_exit(1) == "exit code 1"
+    assert sup.describe_exit(-9) == "killed by SIGKILL"
+    assert sup.describe_exit(1) == "exit code 1"
 
 
 @pytest.mark.parametrize("finished, usage, sig, code", [
     (24, False, None, 0), (30, False, None, 0), (23, False, None, 1), (24, True, None, 2),
     (5, False, signal.SIGINT, 130), (24, False, signal.SIGTERM, 143)])
 def test_exit_code_is_zero_only_when_the_budget_was_reached(finished, usage, sig, code):
-    assert ps.final_exit_code(finished, 24, usage, sig) == code
+    assert sup.final_exit_code(finished, 24, usage, sig) == code
 
 
 def test_leaving_the_rest_to_other_launchers_is_a_success():
-    assert ps.final_exit_code(10, 14, False, None, left_to_others=True) == 0
-    assert ps.final_exit_code(10, 14, False, signal.SIGTERM, left_to_others=True) == 143
+    assert sup.final_exit_code(10, 14, False, None, left_to_others=True) == 0
+    assert sup.final_exit_code(10, 14, False, signal.SIGTERM, left_to_others=True) == 143
 
 
 @pytest.mark.parametrize("finished, running, restartable, no_wait, step", [
@@ -57,12 +57,12 @@ def test_leaving_the_rest_to_other_launchers_is_a_success():
 ])
 def test_what_a_launcher_does_once_its_workers_are_done(finished, running, restartable,
                                                          no_wait, step):
-    assert ps.after_workers(finished, running, 14, restartable, no_wait) == step
+    assert sup.after_workers(finished, running, 14, restartable, no_wait) == step
 
 
 @pytest.mark.parametrize("to_run, workers, text", [(24, 4, "6"), (10, 4, "2-3"), (2, 4, "0-1")])
 def test_trials_per_worker(to_run, workers, text):
-    assert ps.trials_per_worker(to_run, workers) == text
+    assert console.trials_per_worker(to_run, workers) == text
 
 
 def test_demo_defaults_yield_to_explicit_flags():
@@ -168,10 +168,11 @@ def test_bad_arguments_exit_2_naming_the_value_before_anything_starts(
 
 def test_the_launcher_never_imports_torch():
     code = ("import sys, parallel_search\n"
-            "from psearch.engine import launcher as ps, devices, workers, progress, study\n"
+            "from psearch.engine import (launcher as ps, console, devices, progress, study,\n"
+            "                            supervisor as sup, workers)\n"
             "ps.build_parser().parse_args(ps.with_demo_defaults(['--demo']))\n"
             "devices.choose_workers(None, None, 1, {}, devices.probe_gpus, cpu_fallback=2)\n"
-            "ps.trials_per_worker(24, 4); ps.classify_exit(3)\n"
+            "console.trials_per_worker(24, 4); sup.classify_exit(3)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -189,7 +190,7 @@ def test_four_cpu_workers_run_at_once_and_finish_exactly_the_budget(tmp_path, ru
     ts = trials(ckpt)
     assert len(by_state(ts, TrialState.COMPLETE)) == 12 and len(ts) == 12
     assert max_overlap(envs(ckpt)) == 4
-    host = ps.ownership.safe_host(socket.gethostname())
+    host = ownership.safe_host(socket.gethostname())
     logs = sorted(p.name.rsplit("_", 2)[0] for p in (ckpt / "logs").iterdir())
     assert logs == [f"{role}_{host}" for role in
                     ("launcher", "worker_cpu0", "worker_cpu1", "worker_cpu2", "worker_cpu3")]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from psearch.engine.ownership import safe_host
+
 STUDY_DB_NAME = "optuna_study.db"
 
 
@@ -45,3 +47,9 @@ def best_dir(checkpoint_dir: str | os.PathLike) -> Path:
 
 def summary_lock(checkpoint_dir: str | os.PathLike) -> Path:
     return Path(checkpoint_dir) / ".summary.lock"
+
+
+def log_name(role: str, host: str, stamp: str) -> str:
+    """'worker_gpu0_node1_20261128_101500.log': the host keeps the logs of several nodes that
+    share a checkpoint folder apart (pure)."""
+    return f"{role}_{safe_host(host)}_{stamp}.log"

@@ -1,0 +1,99 @@
+"""What the launcher shows a person: its logging (the terminal around the status line, and the
+launcher log, each line naming the host), the banner, and human-facing lines. Pure formatting but
+for `setup_logging` and `say`."""
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from psearch.engine import devices, layout, progress
+from psearch.engine.config import SearchConfig, redact_url
+from psearch.engine.workers import Worker
+
+if TYPE_CHECKING:
+    from psearch.engine import study as study_lib
+
+logger = logging.getLogger("launcher")
+file_log = logging.getLogger("launcher.file")  # the launcher log only (banner, status lines)
+
+TTY_REFRESH_S = 1.5
+LOG_EVERY_S = 30.0
+RULE = "=" * 80
+
+
+def setup_logging(log_path: Path, host: str) -> progress.StatusLine:
+    """Launcher messages to the terminal (around the status line) and to the launcher log; each
+    line names the host, so the logs of several nodes can be told apart."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [launcher@{host}] %(levelname)s: %(message)s")
+    to_file = logging.FileHandler(log_path)
+    to_file.setFormatter(fmt)
+    tty = sys.stdout.isatty()
+    status = progress.StatusLine(sys.stdout, tty, log=(file_log if tty else logger).info,
+                                 log_every_s=LOG_EVERY_S)
+    to_term = progress.StatusAwareHandler(status)
+    to_term.setFormatter(fmt)
+    logging.basicConfig(level=logging.INFO, handlers=[to_term, to_file], force=True)
+    file_log.handlers = [to_file]
+    file_log.propagate = False
+    import optuna
+
+    optuna.logging.disable_default_handler()  # optuna's warnings go to both places too
+    optuna.logging.enable_propagation()
+    return status
+
+
+def say(status: progress.StatusLine, text: str) -> None:
+    """Print a human-facing line (banner, interrupt notice) and keep it in the launcher log."""
+    status.clear()
+    print(text, flush=True)
+    for line in text.splitlines():
+        file_log.info("%s", line)
+    status.redraw()
+
+
+def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_per_gpu: int,
+                counts: study_lib.Counts, threads: int, host: str = "") -> str:
+    """The banner's first part: devices, trials, folders (pure)."""
+    to_run = max(0, cfg.n_trials - counts.finished)
+    gpus = list(dict.fromkeys(s.device for s in slots if s.device is not None))
+    devices_line = (f"GPUs: {', '.join(gpus)} ({workers_per_gpu} worker(s) per GPU)"
+                    if gpus else f"GPUs: none, {len(slots)} CPU worker(s)")
+    return "\n".join([
+        RULE, "PARALLEL HYPERPARAMETER SEARCH", RULE, devices_line,
+        f"Total trials: {cfg.n_trials} ({counts.finished} already finished, {to_run} to run)",
+        f"Trials per {'GPU' if gpus else 'worker'}: "
+        f"~{trials_per_worker(to_run, len(gpus) or len(slots))} "
+        "(one shared budget: a free worker takes the next trial)",
+        f"CPU threads per worker: {threads}",
+        f"Checkpoint dir: {cfg.checkpoint_dir}",
+        f"Data root: {cfg.data_root or '(not used by this objective)'}",
+        f"Objective: {cfg.objective or 'built-in writer identification'} ({cfg.direction})",
+        f"Study: {cfg.study_name} in {redact_url(cfg.storage_url)}",
+        f"Host: {host or socket.gethostname()} (other launchers may share the study and its "
+        "budget)",
+        RULE])
+
+
+def banner_tail(workers: Sequence[Worker], cfg: SearchConfig, launcher_log: Path) -> str:
+    """The banner's second part: each worker's PID and log, and where to monitor (pure)."""
+    from psearch.engine import storage as storage_lib
+
+    lines = [f"Started worker on {w.slot.describe()}: PID {w.pid}, log {w.log_path}"
+             for w in workers]
+    log_glob = shlex.quote(str(layout.logs_dir(cfg.checkpoint_dir))) + "/worker_*.log"
+    lines += ["", "Monitor:", f"  tail -f {log_glob}",
+              f"  launcher log: {launcher_log}",
+              f"  {storage_lib.dashboard_command(cfg.storage_url)}",
+              "Ctrl+C once stops gracefully (rerun the same command to resume); twice kills.", RULE]
+    return "\n".join(lines)
+
+
+def trials_per_worker(to_run: int, n_workers: int) -> str:
+    """How many of the remaining trials each worker runs, roughly: '6' or '5-6' (pure)."""
+    low, extra = divmod(max(0, to_run), max(1, n_workers))
+    return str(low) if extra == 0 else f"{low}-{low + 1}"

@@ -1,0 +1,283 @@
+"""The launcher at work: watch its workers until they have all ended (restart the dead, forward
+signals, recover their trials), then wait while other launchers' trials run, taking over when
+their launcher dies; and the final report with its exit code. Decisions are pure functions
+(`classify_exit`, `final_exit_code`, `after_workers`); the rest acts on one `Run`."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from psearch.engine import devices, layout, ownership, progress
+from psearch.engine.config import SearchConfig, redact_url
+from psearch.engine.console import LOG_EVERY_S, RULE, TTY_REFRESH_S, say
+from psearch.engine.workers import Controller, Exit, Interrupts, Worker
+
+if TYPE_CHECKING:  # loaded once the launcher runs, after it has limited its BLAS threads
+    import optuna
+
+    from psearch.engine import study as study_lib
+
+logger = logging.getLogger("launcher")
+
+POLL_S = 0.2
+# How often a launcher whose workers are done looks at the study for other launchers' trials.
+WAIT_POLL_S = 2.0
+
+
+def classify_exit(returncode: int) -> str:
+    """What a worker's exit code means: done, usage, failures or died (pure)."""
+    if returncode == 0:
+        return "done"  # no budget left for it to start a trial
+    if returncode == 2:
+        return "usage"
+    if returncode == 3:
+        return "failures"  # too many failed trials in a row: something is wrong with the setup
+    return "died"  # any other code, or killed by a signal (negative)
+
+
+def describe_exit(returncode: int) -> str:
+    """'exit code 1' or 'killed by SIGKILL' for a Popen return code (pure)."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def final_exit_code(finished: int, n_trials: int, usage_error: bool,
+                    stop_signal: int | None, left_to_others: bool = False) -> int:
+    """2 for a usage error, 128+signal after a stop, else 0 when the budget was reached or the
+    rest was left to other launchers (--no_wait), 1 when the search cannot get there (pure)."""
+    if usage_error:
+        return 2
+    if stop_signal is not None:
+        return 128 + stop_signal
+    return 0 if finished >= n_trials or left_to_others else 1
+
+
+def after_workers(finished: int, running: int, n_trials: int, restartable: int,
+                  no_wait: bool) -> str:
+    """What a launcher whose workers have all ended does next (pure). `running` trials are other
+    launchers' (ours have ended); `restartable` workers ended only for want of budget.
+
+    'finished': the study holds n_trials; 'restart': budget opened again (a trial elsewhere failed
+    or its launcher died) and we have workers to take it; 'wait' / 'leave' (--no_wait): other
+    launchers' trials still run; 'stuck': nothing runs anywhere and we cannot start a trial.
+    """
+    if finished >= n_trials:
+        return "finished"
+    if n_trials - finished - running > 0 and restartable:
+        return "restart"
+    if running == 0:
+        return "stuck"
+    return "leave" if no_wait else "wait"
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What one launcher run was asked to do, resolved before anything starts."""
+
+    cfg: SearchConfig
+    ns: argparse.Namespace
+    slots: tuple[devices.WorkerSlot, ...]
+    argv: tuple[str, ...]  # the user's flags, for the resume hint
+    environ: Mapping[str, str]  # the environment the launcher was started with
+    stamp: str  # YYYYmmdd_HHMMSS of this run's log files
+    host: ownership.Host
+    run: str  # this launcher run's identity, recorded in every trial its workers start
+
+    @property
+    def launcher_log(self) -> Path:
+        name = layout.log_name("launcher", self.host.name, self.stamp)
+        return layout.logs_dir(self.cfg.checkpoint_dir) / name
+
+
+@dataclasses.dataclass
+class Run:
+    """What the launcher tracks while its workers run."""
+
+    job: Launch
+    study: optuna.Study
+    ctl: Controller
+    interrupts: Interrupts
+    status: progress.StatusLine
+    finished_at_start: int
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    stop_signal: int | None = None
+    usage_error: bool = False
+    signals_seen: int = 0
+    next_refresh: float = 0.0
+    next_check: float = 0.0
+    done: list[Worker] = dataclasses.field(default_factory=list)  # ended for want of budget
+    waiting_for: int | None = None  # other launchers' trials this launcher waits for
+    left_to_others: int = 0  # trials still running elsewhere when this launcher left (--no_wait)
+
+    @property
+    def cfg(self) -> SearchConfig:
+        return self.job.cfg
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.job.ns.stop_timeout
+
+
+def supervise(run: Run) -> None:
+    """Poll the workers: restart the dead, stop on signals; once all have ended, wait for other
+    launchers' trials (restarting ours if the budget opens again) unless --no_wait."""
+    refresh_s = TTY_REFRESH_S if run.status.tty else LOG_EVERY_S
+    while True:
+        if run.interrupts.count > run.signals_seen:
+            on_signal(run)
+        for ended in run.ctl.poll():
+            on_exit(run, ended)
+        if not run.ctl.active() and not keep_going(run):
+            return
+        if time.monotonic() >= run.next_refresh:
+            refresh_status(run)
+            run.next_refresh = time.monotonic() + refresh_s
+        time.sleep(POLL_S)
+
+
+def keep_going(run: Run) -> bool:
+    """Our workers have all ended: look at the study (at most every WAIT_POLL_S) and decide."""
+    from psearch.engine import study as study_lib
+
+    if run.stop_signal is not None or run.usage_error:
+        return False
+    if time.monotonic() < run.next_check:
+        return True
+    run.next_check = time.monotonic() + WAIT_POLL_S
+    study_lib.recover_dead_trials(run.study, run.job.host, run.cfg.heartbeat_grace)
+    counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
+    step = after_workers(counts.finished, counts.running, run.cfg.n_trials, len(run.done),
+                         run.job.ns.no_wait)
+    if step == "restart":
+        restart_done_workers(run, study_lib.budget_left(counts, run.cfg.n_trials))
+    elif step == "wait":
+        if run.waiting_for is None:
+            logger.info("This launcher's workers are done; waiting for %d trial(s) of other "
+                        "launchers (their trials run again here if their launcher dies; "
+                        "--no_wait leaves them instead)", counts.running)
+        run.waiting_for = counts.running
+        return True
+    elif step == "leave":
+        run.left_to_others = counts.running
+    elif step == "stuck":
+        logger.error("No trial runs anywhere and this launcher has no worker left to start one")
+    run.waiting_for = None
+    return step == "restart"
+
+
+def restart_done_workers(run: Run, budget: int) -> None:
+    """Start again (at most `budget` of) the workers that had ended for want of budget."""
+    for worker in run.done[:budget]:
+        logger.info("Budget open again (%d trial(s)): restarting worker %s", budget,
+                    worker.slot.label)
+        run.ctl.start(worker)
+    del run.done[:budget]
+
+
+def on_signal(run: Run) -> None:
+    """First signal: forward it and give the workers --stop_timeout; second: kill at once."""
+    if run.signals_seen == 0:
+        run.stop_signal = run.interrupts.signum
+        say(run.status, "\n🛑 INTERRUPT RECEIVED - Gracefully stopping all workers...")
+        for w in run.ctl.running():
+            say(run.status, f"Stopping worker on {w.slot.describe()}...")
+        say(run.status, f"(each saves its trial and stops; killed after {run.stop_timeout:g} s; "
+            "press Ctrl+C again to kill now)")
+        run.ctl.request_stop(run.stop_signal, run.stop_timeout)
+    if run.interrupts.count > 1:
+        say(run.status, "Second interrupt: killing all workers now")
+        run.ctl.kill_all()
+    run.signals_seen = run.interrupts.count
+
+
+def on_exit(run: Run, ended: Exit) -> None:
+    """A worker process ended: say why, recover its trial, decide whether it runs again."""
+    from psearch.engine import study as study_lib
+
+    w, code, kind = ended.worker, ended.returncode, classify_exit(ended.returncode)
+    stopping = run.stop_signal is not None or run.usage_error
+    if kind == "done" and not stopping:
+        run.done.append(w)
+    if stopping or kind == "done":
+        logger.info("Worker %s (pid %d) ended: %s", w.slot.label, ended.pid, describe_exit(code))
+    elif kind == "usage":
+        logger.error("Worker %s refused its arguments (exit code 2, see %s); stopping the run",
+                     w.slot.label, w.log_path)
+        run.usage_error = True
+        run.ctl.request_stop(signal.SIGTERM, run.stop_timeout)
+    elif kind == "failures":
+        logger.warning("Worker %s stopped after too many failed trials in a row (see %s); it is "
+                       "not restarted", w.slot.label, w.log_path)
+    else:
+        logger.warning("Worker %s (pid %d) died: %s (its log: %s)", w.slot.label, ended.pid,
+                       describe_exit(code), w.log_path)
+    if code != 0:  # a worker that did not end cleanly may have left its trial RUNNING
+        reason = "interrupted" if stopping else "worker_died"
+        failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid, run=run.job.run)
+        if failed:
+            logger.warning("Trial(s) %s of worker %s marked failed (%s): they run again",
+                           failed, w.slot.label, reason)
+    if kind == "died" and not stopping and not run.ctl.schedule_restart(w):
+        logger.warning("Dropping %s: its worker keeps dying soon after starting",
+                       w.slot.describe())
+        if not run.ctl.active():
+            logger.error("No worker is left running; stopping")
+
+
+def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
+    """Read the study (cheap: Optuna's cached storage reads only what changed), show the line."""
+    from psearch.engine import study as study_lib
+
+    counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
+    elapsed = time.monotonic() - run.started
+    eta = progress.eta_s(counts.finished, run.finished_at_start, run.cfg.n_trials, elapsed)
+    line = progress.status_line(counts, run.cfg.n_trials, elapsed, eta)
+    if run.waiting_for is not None:
+        line += f" | waiting for {run.waiting_for} trial(s) of other launchers"
+    run.status.update(line, force_log)
+    return counts
+
+
+def final_report(run: Run, user_argv: Sequence[str]) -> int:
+    """Print the outcome (and how to resume) and return the exit code."""
+    counts = refresh_status(run, force_log=True)
+    run.status.close()
+    n = run.cfg.n_trials
+    code = final_exit_code(counts.finished, n, run.usage_error, run.stop_signal,
+                           left_to_others=run.left_to_others > 0)
+    best = (f"best value {counts.best_value:.6g} (trial {counts.best_number})"
+            if counts.best_value is not None else "no completed trial yet")
+    lines = [RULE, f"{counts.finished}/{n} trials finished ({counts.complete} complete, "
+             f"{counts.pruned} pruned; {counts.failed} failed runs); {best}"]
+    if code == 0 and counts.finished < n:
+        lines.append(f"{run.left_to_others} trial(s) still run on other launchers: they finish "
+                     "the search (--no_wait)")
+    if code == 2:
+        lines.append("Search stopped (exit code 2): a worker refused its arguments; fix them (see "
+                     "its log) and rerun")
+    elif code != 0:
+        why = {130: "interrupted", 143: "terminated"}.get(code, "not all trials finished")
+        lines += [f"Search stopped ({why}, exit code {code}). Rerun the same command to resume:",
+                  "  " + shlex.join([sys.executable, _script_path(),
+                                     *(redact_url(arg) for arg in user_argv)])]
+    lines.append(RULE)
+    say(run.status, "\n".join(lines))
+    return code
+
+
+def _script_path() -> str:
+    """This script's path as a user would type it: relative when under the current folder."""
+    rel = os.path.relpath(__file__)
+    return str(Path(__file__).resolve()) if rel.startswith("..") else rel
