@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -57,7 +56,7 @@ def say(status: progress.StatusLine, text: str) -> None:
 
 
 def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_per_gpu: int,
-                counts: study_lib.Counts, threads: int, host: str = "") -> str:
+                counts: study_lib.Counts, threads: int, host: str) -> str:
     """The banner's first part: devices, trials, folders (pure)."""
     to_run = max(0, cfg.n_trials - counts.finished)
     gpus = list(dict.fromkeys(s.device for s in slots if s.device is not None))
@@ -74,7 +73,7 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
         f"Data root: {cfg.data_root or '(not used by this objective)'}",
         f"Objective: {cfg.objective or 'built-in writer identification'} ({cfg.direction})",
         f"Study: {cfg.study_name} in {redact_url(cfg.storage_url)}",
-        f"Host: {host or socket.gethostname()} (other launchers may share the study and its "
+        f"Host: {host} (other launchers may share the study and its "
         "budget)",
         RULE])
 
