@@ -23,11 +23,13 @@ def test_argv_round_trip_rebuilds_the_same_config(tmp_path):
     data.mkdir()
     cfg = parse(["--data_root", str(data), "--checkpoint_dir", str(tmp_path / "c"), "--n_trials",
                  "5", "--num_writers_subset", "3", "--models", "small,vit", "--no_pretrained",
-                 "--storage", "sqlite:///x.db", "--epochs", "7"])
+                 "--storage", "sqlite:///x.db", "--epochs", "7", "--trial_timeout", "90.5",
+                 "--keep_last"])
     argv = config_to_argv(cfg)
     assert "sqlite:///x.db" not in argv  # a URL may hold a password: it goes in the environment
     assert config_from_args(build_parser().parse_args(argv), environ=child_env(cfg)) == cfg
     assert cfg.models == ("small", "vit") and cfg.epochs == 7
+    assert cfg.trial_timeout == 90.5 and cfg.keep_last
 
 
 def test_storage_from_the_environment_and_urls_shown_without_passwords():

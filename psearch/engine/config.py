@@ -53,6 +53,8 @@ class SearchConfig:
     direction: str = "maximize"
     cache_dir: str | None = None
     heartbeat_grace: int = 90
+    trial_timeout: float | None = None
+    keep_last: bool = False
 
     @property
     def storage_url(self) -> str:
@@ -171,6 +173,12 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     a("--heartbeat_grace", type=int, default=d.heartbeat_grace, help="seconds without a heartbeat "
       "after which a trial of another host counts as dead and runs again; the same for every "
       "launcher of a study (default: %d)" % d.heartbeat_grace)
+    a("--trial_timeout", type=float, default=None, help="seconds a trial may run; a trial past it "
+      "fails with reason 'timeout', its processes are killed and the worker starts the next trial "
+      "(default: no limit)")
+    a("--keep_last", action="store_true", help="keep each finished trial's last.pth (the resume "
+      "checkpoint, as big as the model and its optimizer state) (default: removed once the trial "
+      "has finished; best_model.pth is always kept)")
 
 
 _OBJECTIVE_RE = re.compile(r"^(?:.+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*$")
@@ -214,6 +222,9 @@ def config_from_args(ns: argparse.Namespace,
     _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
            f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
+    if ns.trial_timeout is not None:
+        _check(ns.trial_timeout > 0, f"--trial_timeout must be more than 0 seconds, got "
+               f"{ns.trial_timeout:g}")
     return SearchConfig(
         data_root=str(Path(ns.data_root).resolve()) if ns.data_root else None,
         checkpoint_dir=str(Path(ns.checkpoint_dir).resolve()),
@@ -227,7 +238,8 @@ def config_from_args(ns: argparse.Namespace,
         study_name=ns.study_name,
         objective=ns.objective, direction=ns.direction,
         cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None,
-        heartbeat_grace=ns.heartbeat_grace)
+        heartbeat_grace=ns.heartbeat_grace, trial_timeout=ns.trial_timeout,
+        keep_last=bool(ns.keep_last))
 
 
 def config_to_argv(cfg: SearchConfig) -> list[str]:
@@ -248,6 +260,10 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
     argv += ["--models", ",".join(cfg.models)]
     if cfg.no_pretrained:
         argv.append("--no_pretrained")
+    if cfg.keep_last:
+        argv.append("--keep_last")
+    if cfg.trial_timeout is not None:
+        argv += ["--trial_timeout", repr(cfg.trial_timeout)]
     argv += storage_argv(cfg)
     for flag in ("objective", "cache_dir"):
         if getattr(cfg, flag) is not None:

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from psearch.engine import (atomic, children, config, layout, ownership, storage as storage_lib,
                             study as study_lib)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
-from psearch.engine.errors import UsageError
+from psearch.engine.errors import EXIT_TOO_MANY_FAILURES, UsageError
 from psearch.engine.stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
 
 logger = logging.getLogger("worker")
@@ -39,7 +39,6 @@ Objective = Callable[[optuna.Trial, Path], float]
 # A run of trials failing on their own merits (not interrupts) means something is wrong with the
 # setup (out of memory at any size, a broken objective): stop instead of burning the budget.
 MAX_CONSECUTIVE_FAILURES = 5
-EXIT_TOO_MANY_FAILURES = 3
 
 
 @dataclasses.dataclass(frozen=True)
