@@ -243,3 +243,26 @@ def test_best_complete_breaks_ties_by_the_lower_trial_number():
     assert study_lib.best_complete(trials, "maximize").number == 1
     assert study_lib.best_complete(trials, "minimize").number == 0
     assert study_lib.best_complete(trials[2:3], "maximize") is None
+
+
+@pytest.mark.parametrize("name,kind", [("median", optuna.pruners.MedianPruner),
+                                       ("asha", optuna.pruners.SuccessiveHalvingPruner),
+                                       ("hyperband", optuna.pruners.HyperbandPruner),
+                                       ("none", optuna.pruners.NopPruner)])
+def test_each_pruner_flag_builds_that_pruner_and_prunes_a_bad_curve(tmp_path, name, kind):
+    study = study_lib.open_study(_cfg(tmp_path, pruner=name, epochs=9))
+    assert isinstance(study.pruner, kind)
+    for good in range(6):  # six good curves, then a bad one
+        t = study.ask()
+        for epoch in range(1, 10):
+            t.report(0.9, epoch)
+            t.should_prune()  # successive halving records its rungs here
+        study.tell(t, 0.9)
+    bad = study.ask()
+    pruned_at = None
+    for epoch in range(1, 10):
+        bad.report(0.1, epoch)
+        if bad.should_prune():
+            pruned_at = epoch
+            break
+    assert (pruned_at is None) == (name == "none")

@@ -19,6 +19,7 @@ from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
 from psearch.writer_id.names import MODEL_CHOICES
 
 DEFAULT_STUDY_NAME = "writer_id_search"
+PRUNER_CHOICES = ("median", "asha", "hyperband", "none")
 # Below this, a heartbeat delayed by a busy database could make a live trial look dead.
 MIN_HEARTBEAT_GRACE_S = 5
 # `--storage env:NAME` reads the URL from the environment; the launcher hands the URL to its
@@ -55,6 +56,7 @@ class SearchConfig:
     heartbeat_grace: int = 90
     trial_timeout: float | None = None
     keep_last: bool = False
+    pruner: str = "median"
 
     @property
     def storage_url(self) -> str:
@@ -173,6 +175,9 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     a("--heartbeat_grace", type=int, default=d.heartbeat_grace, help="seconds without a heartbeat "
       "after which a trial of another host counts as dead and runs again; the same for every "
       "launcher of a study (default: %d)" % d.heartbeat_grace)
+    a("--pruner", default=d.pruner, choices=PRUNER_CHOICES, help="how unpromising trials are "
+      "stopped early: Optuna's MedianPruner, SuccessiveHalvingPruner (asha), HyperbandPruner, or "
+      f"none (default: {d.pruner})")
     a("--trial_timeout", type=float, default=None, help="seconds a trial may run; a trial past it "
       "fails with reason 'timeout', its processes are killed and the worker starts the next trial "
       "(default: no limit)")
@@ -239,7 +244,7 @@ def config_from_args(ns: argparse.Namespace,
         objective=ns.objective, direction=ns.direction,
         cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None,
         heartbeat_grace=ns.heartbeat_grace, trial_timeout=ns.trial_timeout,
-        keep_last=bool(ns.keep_last))
+        keep_last=bool(ns.keep_last), pruner=ns.pruner)
 
 
 def config_to_argv(cfg: SearchConfig) -> list[str]:
@@ -255,7 +260,7 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
         argv += ["--num_writers_subset", str(cfg.num_writers_subset)]
     for flag in ("epochs", "patience", "batch_size", "img_height", "img_width", "seed",
                  "num_workers", "max_val_pages_per_writer", "lines_per_writer", "study_name",
-                 "direction", "heartbeat_grace"):
+                 "direction", "heartbeat_grace", "pruner"):
         argv += [f"--{flag}", str(getattr(cfg, flag))]
     argv += ["--models", ",".join(cfg.models)]
     if cfg.no_pretrained:
