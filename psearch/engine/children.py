@@ -15,6 +15,9 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 WORKER_MODULE = "psearch.engine.worker"
 SUMMARY_MODULE = "psearch.reports.summary"
 SYNTHETIC_MODULE = "psearch.writer_id.synthetic"
+# What the preparation step logs once the arguments, the data and the study are checked: from
+# then on nothing can be refused, and the launcher shows its progress.
+PREPARED_MARKER = "Arguments, data and study checked"
 
 
 def module_argv(python: str, module: str) -> list[str]:

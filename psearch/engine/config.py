@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from psearch.engine import layout
+from psearch.engine import layout, paths
 from psearch.engine.errors import UsageError
 from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
 from psearch.writer_id.names import MODEL_CHOICES
@@ -225,6 +225,8 @@ def config_from_args(ns: argparse.Namespace,
     if ns.data_root is not None and ns.objective is None:
         _check(os.path.isdir(ns.data_root), f"--data_root {ns.data_root!r} is not a folder")
     _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
+    checkpoint_dir = paths.check_output_dir("--checkpoint_dir", ns.checkpoint_dir)
+    cache_dir = paths.check_output_dir("--cache_dir", ns.cache_dir) if ns.cache_dir else None
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
            f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
     if ns.trial_timeout is not None:
@@ -232,7 +234,7 @@ def config_from_args(ns: argparse.Namespace,
                f"{ns.trial_timeout:g}")
     return SearchConfig(
         data_root=str(Path(ns.data_root).resolve()) if ns.data_root else None,
-        checkpoint_dir=str(Path(ns.checkpoint_dir).resolve()),
+        checkpoint_dir=str(checkpoint_dir),
         n_trials=ns.n_trials, use_all_writers=bool(ns.use_all_writers),
         num_writers_subset=ns.num_writers_subset, epochs=ns.epochs, patience=ns.patience,
         batch_size=ns.batch_size, img_height=ns.img_height, img_width=ns.img_width, models=models,
@@ -241,10 +243,19 @@ def config_from_args(ns: argparse.Namespace,
         lines_per_writer=ns.lines_per_writer,
         storage=resolve_storage(ns.storage, os.environ if environ is None else environ),
         study_name=ns.study_name,
-        objective=ns.objective, direction=ns.direction,
-        cache_dir=str(Path(ns.cache_dir).resolve()) if ns.cache_dir else None,
+        objective=absolute_objective(ns.objective), direction=ns.direction,
+        cache_dir=str(cache_dir) if cache_dir else None,
         heartbeat_grace=ns.heartbeat_grace, trial_timeout=ns.trial_timeout,
         keep_last=bool(ns.keep_last), pruner=ns.pruner)
+
+
+def absolute_objective(spec: str | None) -> str | None:
+    """`path/to/file.py:NAME` with the file's absolute path, so the same file named from another
+    folder, or relatively and absolutely, is the same objective; a module spec as it is."""
+    if spec is None or not spec.rsplit(":", 1)[0].endswith(".py"):
+        return spec
+    target, name = spec.rsplit(":", 1)
+    return f"{Path(target).resolve()}:{name}"
 
 
 def config_to_argv(cfg: SearchConfig) -> list[str]:

@@ -3,7 +3,9 @@ launcher log, each line naming the host), the banner, and human-facing lines. Pu
 for `setup_logging` and `say`."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import logging.handlers
 import shlex
 import sys
 from pathlib import Path
@@ -24,13 +26,33 @@ LOG_EVERY_S = 30.0
 RULE = "=" * 80
 
 
-def setup_logging(log_path: Path, host: str) -> progress.StatusLine:
-    """Launcher messages to the terminal (around the status line) and to the launcher log; each
-    line names the host, so the logs of several nodes can be told apart."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+class DeferredFileHandler(logging.handlers.MemoryHandler):
+    """Keeps log records in memory until `open` names the file, then writes them all and every
+    later one: a run refused before it starts leaves no log file (nor a logs/ folder) behind."""
+
+    def __init__(self, formatter: logging.Formatter):
+        super().__init__(capacity=1 << 20, flushLevel=logging.CRITICAL + 1, target=None)
+        self._formatter = formatter
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return self.target is not None or len(self.buffer) >= self.capacity
+
+    def open(self, path: Path) -> None:
+        """Create the file (and its folder) and write what was kept."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path)
+        to_file.setFormatter(self._formatter)
+        self.setTarget(to_file)
+        self.flush()
+
+
+def setup_logging(host: str) -> tuple[progress.StatusLine, DeferredFileHandler]:
+    """Launcher messages to the terminal (around the status line) and to the launcher log, which
+    is written only once `open`ed; each line names the host, so the logs of several nodes can be
+    told apart. A log line that cannot be written (a full disk) is dropped, never a traceback."""
+    logging.raiseExceptions = False
     fmt = logging.Formatter(f"%(asctime)s [launcher@{host}] %(levelname)s: %(message)s")
-    to_file = logging.FileHandler(log_path)
-    to_file.setFormatter(fmt)
+    to_file = DeferredFileHandler(fmt)
     tty = sys.stdout.isatty()
     status = progress.StatusLine(sys.stdout, tty, log=(file_log if tty else logger).info,
                                  log_every_s=LOG_EVERY_S)
@@ -43,13 +65,14 @@ def setup_logging(log_path: Path, host: str) -> progress.StatusLine:
 
     optuna.logging.disable_default_handler()  # optuna's warnings go to both places too
     optuna.logging.enable_propagation()
-    return status
+    return status, to_file
 
 
 def say(status: progress.StatusLine, text: str) -> None:
     """Print a human-facing line (banner, interrupt notice) and keep it in the launcher log."""
     status.clear()
-    print(text, flush=True)
+    with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) or a full disk
+        print(text, flush=True)
     for line in text.splitlines():
         file_log.info("%s", line)
     status.redraw()

@@ -16,6 +16,13 @@ from typing import Callable, Mapping, Sequence
 from psearch.engine.errors import UsageError
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Memory a worker needs, roughly: one training a model on line images, or one running a custom
+# objective (Python, Optuna, SQLAlchemy). Beyond what fits, the launcher would be OOM-killed.
+WORKER_MEMORY_BUILTIN = 1 << 30
+WORKER_MEMORY_CUSTOM = 192 << 20
+# Workers per core beyond which nothing runs faster, only slower (and 8 workers always allowed).
+WORKERS_PER_CORE = 4
+MIN_WORKER_LIMIT = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +119,9 @@ def worker_env(base: Mapping[str, str], slot: WorkerSlot, n_workers: int, parent
     """The environment of one worker: a new dict from `base` with pinning and identity set."""
     env = dict(base)
     env["CUDA_VISIBLE_DEVICES"] = slot.device if slot.device is not None else ""
+    # CUDA numbers GPUs fastest first unless told otherwise; nvidia-smi by PCI bus. Ids read off
+    # nvidia-smi must name the same GPUs in the worker.
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update({name: str(threads) for name in THREAD_VARS})
     env.update({
         "PARALLEL_SEARCH_WORKER": slot.label,
@@ -129,6 +139,93 @@ def worker_env(base: Mapping[str, str], slot: WorkerSlot, n_workers: int, parent
 def parse_nvidia_smi(output: str) -> list[str]:
     """GPU indices from `nvidia-smi --query-gpu=index --format=csv,noheader` output (pure)."""
     return [line.strip() for line in output.splitlines() if line.strip().isdigit()]
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInventory:
+    """The GPUs the driver reports: their indices and UUIDs (GPU-… and MIG-…)."""
+
+    indices: tuple[str, ...]
+    uuids: tuple[str, ...]
+
+    def knows(self, device: str) -> bool:
+        """True when CUDA_VISIBLE_DEVICES=device names one of these GPUs: an index, or a UUID or
+        a unique start of one, as CUDA accepts (pure)."""
+        if device.isdigit():
+            return device in self.indices
+        return sum(u.startswith(device) for u in self.uuids) == 1
+
+    def describe(self) -> str:
+        return ", ".join(self.indices) if self.indices else "none"
+
+
+def parse_nvidia_smi_list(output: str) -> GpuInventory:
+    """The GPUs in `nvidia-smi -L` output: 'GPU 0: NAME (UUID: GPU-…)' lines, and indented
+    'MIG … Device 0: (UUID: MIG-…)' lines under them (pure)."""
+    indices = re.findall(r"^GPU (\d+):", output, flags=re.MULTILINE)
+    uuids = re.findall(r"UUID: ((?:GPU|MIG)-[^)\s]+)\)", output)
+    return GpuInventory(tuple(indices), tuple(uuids))
+
+
+def unknown_gpus(ids: Sequence[str], inventory: GpuInventory) -> list[str]:
+    """The ids that name no GPU of `inventory` (pure)."""
+    return [i for i in ids if not inventory.knows(i)]
+
+
+def check_gpus_exist(ids: Sequence[str], inventory: GpuInventory | None, source: str) -> None:
+    """UsageError when an id names no GPU the driver reports (nothing checked without a driver
+    tool: then the worker itself refuses a GPU that CUDA cannot use)."""
+    if inventory is None or not ids:
+        return
+    missing = unknown_gpus(ids, inventory)
+    if missing:
+        raise UsageError(f"{source}: no GPU {', '.join(missing)} on this machine (nvidia-smi "
+                         f"lists {inventory.describe()}); name GPUs from that list")
+
+
+def probe_inventory(timeout_s: float = 15.0) -> GpuInventory | None:
+    """What `nvidia-smi -L` reports, or None where there is no nvidia-smi to ask."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        result = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout_s,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_nvidia_smi_list(result.stdout) if result.returncode == 0 else None
+
+
+def max_workers(n_cores: int, memory_bytes: int | None, builtin_objective: bool) -> int:
+    """How many workers this machine can sensibly run: a few per core, and what fits in memory
+    (pure)."""
+    by_cores = max(MIN_WORKER_LIMIT, WORKERS_PER_CORE * n_cores)
+    if not memory_bytes:
+        return by_cores
+    per_worker = WORKER_MEMORY_BUILTIN if builtin_objective else WORKER_MEMORY_CUSTOM
+    return max(1, min(by_cores, memory_bytes // per_worker))
+
+
+def check_worker_count(n_workers: int, limit: int, n_cores: int, memory_bytes: int | None,
+                       flag: str) -> None:
+    """UsageError naming the limit when more workers are asked for than the machine can run."""
+    if n_workers <= limit:
+        return
+    memory = f", {memory_bytes / (1 << 30):.1f} GiB memory" if memory_bytes else ""
+    raise UsageError(f"{flag} asks for {n_workers} workers; this machine can run at most {limit} "
+                     f"({n_cores} cores{memory}); ask for {limit} or fewer")
+
+
+def total_memory_bytes() -> int | None:
+    """MemTotal from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def probe_gpus(timeout_s: float = 15.0) -> list[str]:

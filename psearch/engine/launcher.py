@@ -13,6 +13,7 @@ and it loads optuna (and numpy) only once it runs, single-threaded (see `limit_o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,14 +21,14 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from psearch.engine import cmdline, devices, layout, ownership, progress
-from psearch.engine.children import (SYNTHETIC_MODULE, WORKER_MODULE, child_environ, module_argv,
-                                     summary_argv, summary_hint)
+from psearch.engine import cli, cmdline, devices, layout, ownership, progress
+from psearch.engine.children import (PREPARED_MARKER, SYNTHETIC_MODULE, WORKER_MODULE,
+                                     child_environ, module_argv, summary_argv, summary_hint)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args, config_to_argv
 from psearch.engine.console import banner_head, banner_tail, file_log, say, setup_logging
-from psearch.engine.errors import UsageError
+from psearch.engine.errors import EXIT_USAGE, UsageError
 from psearch.engine.supervisor import Launch, Run, final_report, supervise
 from psearch.engine.workers import Controller, Interrupts, Worker, run_child
 
@@ -43,6 +44,8 @@ DEMO_DEFAULTS = ("--data_root", "demo_data", "--checkpoint_dir", "demo_runs", "-
                  "--models", "small", "--epochs", "8", "--img_height", "64", "--img_width", "640",
                  "--lines_per_writer", "40", "--no_pretrained")
 DEMO_CPU_WORKERS = 2
+# The preparation's progress lines are shown once it has checked everything, or after this long.
+PREPARE_HOLD_S = 10.0
 # Writers of one shared script in fairly similar hands: hard enough that trials differ (with
 # distinct alphabets every trial reaches page top-1 = 1 and the search has nothing to show).
 DEMO_SIMILARITY = 0.75
@@ -50,7 +53,8 @@ DEMO_SIMILARITY = 0.75
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's search flags plus the launcher's own; every help states its default."""
-    parser = argparse.ArgumentParser(description="Parallel hyperparameter search: one worker per "
+    parser = cli.Parser(short_usage="--data_root D --checkpoint_dir C --n_trials N [options]",
+                        description="Parallel hyperparameter search: one worker per "
                                      "GPU sharing one Optuna study and one exact trial budget.")
     add_search_args(parser)
     a = parser.add_argument
@@ -107,9 +111,48 @@ def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp:
 
 def _echo(line: str) -> None:
     """A helper's output line: to the terminal as it is, and into the launcher log."""
-    sys.stdout.write(line)
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # a closed terminal
+        sys.stdout.write(line)
+        sys.stdout.flush()
     file_log.info("| %s", line.rstrip("\n"))
+
+
+class HeldOutput:
+    """The preparation's output, held back until it says the arguments, data and study are
+    checked (or has talked for `hold_s` seconds): a refused run shows its one `error:` line, not
+    the progress lines before it."""
+
+    def __init__(self, hold_s: float = PREPARE_HOLD_S, clock: Callable[[], float] = time.monotonic):
+        self.held: list[str] = []
+        self.released = False
+        self._clock = clock
+        self._until = clock() + hold_s
+
+    def __call__(self, line: str) -> None:
+        if self.released:
+            _echo(line)
+            return
+        self.held.append(line)
+        if PREPARED_MARKER in line or self._clock() >= self._until:
+            self.release()
+
+    def release(self) -> None:
+        """Show what was held, and everything from now on."""
+        if not self.released:
+            logger.info("Preparing: data, image cache, pretrained weights, study")
+        self.released = True
+        for line in self.held:
+            _echo(line)
+        self.held.clear()
+
+    def finish(self, code: int) -> None:
+        """The preparation ended: a refusal shows only its error line(s), anything else all."""
+        if code == EXIT_USAGE and not self.released:
+            for line in self.held:
+                if line.startswith("error:"):
+                    _echo(line)
+            self.held.clear()
+        self.release()
 
 
 def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupts) -> int:
@@ -118,15 +161,16 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupt
     env = {**child_environ(environ, cfg), "PARALLEL_SEARCH_WORKER": "prepare",
            "PARALLEL_SEARCH_MANAGED": "1", "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()),
            "PYTHONUNBUFFERED": "1"}
-    logger.info("Preparing: data, image cache, pretrained weights, study")
+    output = HeldOutput()
     code = run_child([*module_argv(sys.executable, WORKER_MODULE), *config_to_argv(cfg),
                       "--prepare_only"],
-                     env, interrupts, echo=_echo)
+                     env, interrupts, echo=output)
+    output.finish(code)
     if interrupts.count:
         logger.warning("Interrupted while preparing: no worker was started")
         return 128 + interrupts.signum
-    if code == 2:
-        logger.error("Preparation refused the arguments (the error is above); nothing was started")
+    if code == EXIT_USAGE:  # its one `error:` line says it all; and a refused run writes no log
+        file_log.info("Preparation refused the arguments; nothing was started")
     elif code != 0:
         logger.error("Preparation failed with exit code %d (see the output above)", code)
         return 1
@@ -171,50 +215,70 @@ def limit_own_threads() -> None:
 def launch(job: Launch) -> int:
     """Prepare once, recover dead trials, run the workers, report, summarize.
 
-    Other launchers may use the same study at the same time (other nodes, a requeued job, more
-    GPUs): this one fails only trials that are provably dead, never a live one of theirs.
+    Nothing is written before the preparation has accepted the arguments: the launcher log is
+    kept in memory until then, so a refused run leaves no folder and no file behind. Other
+    launchers may use the same study at the same time (other nodes, a requeued job, more GPUs):
+    this one fails only trials that are provably dead, never a live one of theirs.
     """
     limit_own_threads()
     from psearch.engine import storage as storage_lib, study as study_lib
 
-    status = setup_logging(job.launcher_log, job.host.name)
+    status, log_file = setup_logging(job.host.name)
     interrupts = Interrupts()
     interrupts.install()
-    logger.info("Launcher run %s", job.run)
+    file_log.info("Launcher run %s", job.run)
     warning = storage_lib.network_filesystem_warning(job.cfg.storage_url, storage_lib.read_mounts())
     if warning:
         logger.warning("%s", warning)
     code = prepare(job.cfg, job.environ, interrupts)
+    if code not in (0, 1):  # refused or interrupted: nothing was created, nothing is written
+        return code
+    log_file.open(job.launcher_log)
     if code != 0:
         return code
     study = study_lib.open_study(job.cfg, create=False)
     study_lib.recover_dead_trials(study, job.host, job.cfg.heartbeat_grace)
-    code = run_workers(job, study, interrupts, status)
-    if not job.ns.no_summary:
-        summarize(job.cfg, job.environ, interrupts)
+    code, disk_full = run_workers(job, study, interrupts, status)
+    if job.ns.no_summary:
+        return code
+    if disk_full:
+        logger.warning("No summary: the disk is full. Once there is space: %s",
+                       summary_hint(job.cfg, sys.executable))
+        return code
+    seen = interrupts.count
+    summarize(job.cfg, job.environ, interrupts)
+    if interrupts.count > seen and code == 0:  # Ctrl+C during the summary: say so in the code
+        return 128 + interrupts.signum
     return code
 
 
 def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
-                status: progress.StatusLine) -> int:
-    """Start the workers (unless the budget is already reached), supervise them, report."""
-    from psearch.engine import study as study_lib
+                status: progress.StatusLine) -> tuple[int, bool]:
+    """Start the workers (unless the budget is already reached), supervise them, report; the
+    exit code, and whether the disk filled up."""
+    from psearch.engine import faults, study as study_lib
 
     counts = study_lib.count_trials(study.get_trials(deepcopy=False), job.cfg.direction)
     if counts.finished >= job.cfg.n_trials:
         say(status, f"The study already holds {counts.finished}/{job.cfg.n_trials} finished "
             "trials: nothing to run (raise --n_trials to run more)")
-        return 0
+        return 0, False
     if interrupts.count:
-        return 128 + interrupts.signum
+        return 128 + interrupts.signum, False
     ctl = start_workers(job, status, counts)
     run = Run(job=job, study=study, ctl=ctl, interrupts=interrupts, status=status,
               finished_at_start=counts.finished)
     supervise(run)
     # Every worker of ours has ended: a trial of this run still RUNNING has no one behind it.
-    study_lib.fail_running_trials(study, "interrupted" if run.stop_signal else "worker_died",
-                                  run=job.run)
-    return final_report(run, job.argv)
+    try:
+        study_lib.fail_running_trials(study, "interrupted" if run.stopping else "worker_died",
+                                      run=job.run)
+    except Exception as exc:  # noqa: BLE001 - a full disk: the rerun recovers them as crashed
+        if not (faults.is_disk_full(exc) or faults.is_storage_error(exc)):
+            raise
+        logger.warning("Could not record the end of this run's trials (%s); the next run "
+                       "recovers them", faults.one_line(exc))
+    return final_report(run, job.argv), run.disk_full
 
 
 def start_workers(job: Launch, status: progress.StatusLine,
@@ -231,6 +295,23 @@ def start_workers(job: Launch, status: progress.StatusLine,
     return ctl
 
 
+def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
+                  environ: Mapping[str, str]) -> None:
+    """Refuse more workers than the machine can run, and GPU ids the driver does not report."""
+    n_cores = len(os.sched_getaffinity(0))
+    memory = devices.total_memory_bytes()
+    limit = devices.max_workers(n_cores, memory, builtin_objective=ns.objective is None)
+    flag = (f"--cpu_workers {ns.cpu_workers}" if ns.cpu_workers is not None
+            else f"{len(set(s.device for s in slots))} GPU(s) x --workers_per_gpu "
+                 f"{ns.workers_per_gpu}")
+    devices.check_worker_count(len(slots), limit, n_cores, memory, flag)
+    gpus = list(dict.fromkeys(s.device for s in slots if s.device is not None))
+    if gpus and (ns.gpus is not None or "CUDA_VISIBLE_DEVICES" in environ):
+        source = (f"--gpus {ns.gpus}" if ns.gpus is not None
+                  else f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}")
+        devices.check_gpus_exist(gpus, devices.probe_inventory(), source)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse and validate, then launch; exit 0 only when the budget was reached."""
     cmdline.hide_url_passwords(sys.argv[1:])  # if not done yet (a console script): `ps` shows argv
@@ -242,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slots = devices.choose_workers(ns.gpus, ns.cpu_workers, ns.workers_per_gpu, os.environ,
                                        devices.probe_gpus,
                                        cpu_fallback=DEMO_CPU_WORKERS if ns.demo else None)
+        check_devices(ns, slots, os.environ)
         if ns.demo:
             ensure_demo_data(ns)
         cfg = config_from_args(ns)

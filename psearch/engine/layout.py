@@ -20,8 +20,14 @@ STUDY_DB_NAME = "optuna_study.db"
 
 
 def default_storage_url(checkpoint_dir: str | os.PathLike) -> str:
-    """The SQLite file a search keeps inside its checkpoint folder."""
-    return f"sqlite:///{Path(checkpoint_dir).resolve() / STUDY_DB_NAME}"
+    """The SQLite file a search keeps inside its checkpoint folder, its path quoted for the URL
+    (SQLAlchemy decodes %XX in it and ends it at a '?'): /runs/a?b stays /runs/a?b (pure)."""
+    return "sqlite:///" + url_path(Path(checkpoint_dir).resolve() / STUDY_DB_NAME)
+
+
+def url_path(path: str | os.PathLike) -> str:
+    """A file path as the path of a database URL: '%', '?' and '#' escaped (pure)."""
+    return str(path).replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 def trial_dir(checkpoint_dir: str | os.PathLike, number: int) -> Path:

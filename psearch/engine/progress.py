@@ -69,13 +69,18 @@ class StatusLine:
     def redraw(self) -> None:
         if self.tty and self._text:
             width = shutil.get_terminal_size((120, 20)).columns
-            self.stream.write(CLEAR_LINE + self._text[:max(20, width - 1)])
-            self.stream.flush()
+            self._write(CLEAR_LINE + self._text[:max(20, width - 1)])
 
     def clear(self) -> None:
         if self.tty and self._text:
-            self.stream.write(CLEAR_LINE)
+            self._write(CLEAR_LINE)
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except OSError:  # the terminal is gone (closed window): stop drawing on it
+            self.tty = False
 
     def close(self) -> None:
         """Leave the terminal on a fresh line."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from psearch.engine import devices, layout, ownership, progress
+from psearch.engine import devices, errors, faults, layout, ownership, progress
 from psearch.engine.config import SearchConfig, redact_url
 from psearch.engine.console import LOG_EVERY_S, RULE, TTY_REFRESH_S, say
 from psearch.engine.workers import Controller, Exit, Interrupts, Worker
@@ -34,14 +34,14 @@ WAIT_POLL_S = 2.0
 
 
 def classify_exit(returncode: int) -> str:
-    """What a worker's exit code means: done, usage, failures or died (pure)."""
-    if returncode == 0:
-        return "done"  # no budget left for it to start a trial
-    if returncode == 2:
-        return "usage"
-    if returncode == 3:
-        return "failures"  # too many failed trials in a row: something is wrong with the setup
-    return "died"  # any other code, or killed by a signal (negative)
+    """What a worker's exit code means (pure): done, usage, failures, no_device, timeout,
+    disk_full or died."""
+    return {errors.EXIT_OK: "done",  # no budget left for it to start a trial
+            errors.EXIT_USAGE: "usage",
+            errors.EXIT_TOO_MANY_FAILURES: "failures",  # something is wrong with the setup
+            errors.EXIT_NO_DEVICE: "no_device",
+            errors.EXIT_TRIAL_TIMEOUT: "timeout",
+            errors.EXIT_DISK_FULL: "disk_full"}.get(returncode, "died")  # or killed by a signal
 
 
 def describe_exit(returncode: int) -> str:
@@ -54,11 +54,15 @@ def describe_exit(returncode: int) -> str:
 
 
 def final_exit_code(finished: int, n_trials: int, usage_error: bool,
-                    stop_signal: int | None, left_to_others: bool = False) -> int:
-    """2 for a usage error, 128+signal after a stop, else 0 when the budget was reached or the
-    rest was left to other launchers (--no_wait), 1 when the search cannot get there (pure)."""
+                    stop_signal: int | None, left_to_others: bool = False,
+                    disk_full: bool = False) -> int:
+    """2 for a usage error, 1 when the disk filled up, 128+signal after a stop, else 0 when the
+    budget was reached or the rest was left to other launchers (--no_wait), 1 when the search
+    cannot get there (pure)."""
     if usage_error:
         return 2
+    if disk_full:
+        return 1
     if stop_signal is not None:
         return 128 + stop_signal
     return 0 if finished >= n_trials or left_to_others else 1
@@ -118,6 +122,8 @@ class Run:
     next_refresh: float = 0.0
     next_check: float = 0.0
     done: list[Worker] = dataclasses.field(default_factory=list)  # ended for want of budget
+    disk_full: bool = False  # a worker (or this launcher) found no space left: the run stops
+    storage_trouble: str | None = None  # the storage error being retried, logged once
     waiting_for: int | None = None  # other launchers' trials this launcher waits for
     left_to_others: int = 0  # trials still running elsewhere when this launcher left (--no_wait)
 
@@ -129,6 +135,11 @@ class Run:
     def stop_timeout(self) -> float:
         return self.job.ns.stop_timeout
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (a signal, a refused argument, a full disk)."""
+        return self.stop_signal is not None or self.usage_error or self.disk_full
+
 
 def supervise(run: Run) -> None:
     """Poll the workers: restart the dead, stop on signals; once all have ended, wait for other
@@ -137,21 +148,50 @@ def supervise(run: Run) -> None:
     while True:
         if run.interrupts.count > run.signals_seen:
             on_signal(run)
-        for ended in run.ctl.poll():
-            on_exit(run, ended)
-        if not run.ctl.active() and not keep_going(run):
-            return
-        if time.monotonic() >= run.next_refresh:
-            refresh_status(run)
-            run.next_refresh = time.monotonic() + refresh_s
+        try:
+            for ended in run.ctl.poll():
+                on_exit(run, ended)
+            if not run.ctl.active() and not keep_going(run):
+                return
+            if time.monotonic() >= run.next_refresh:
+                refresh_status(run)
+                run.next_refresh = time.monotonic() + refresh_s
+            run.storage_trouble = None
+        except Exception as exc:  # noqa: BLE001 - the storage or the disk, never a traceback
+            on_storage_error(run, exc)
         time.sleep(POLL_S)
+
+
+def on_storage_error(run: Run, exc: Exception) -> None:
+    """The study could not be read or written: a full disk stops the run; anything else (a
+    locked or dropped database) is logged once and tried again on the next round."""
+    if faults.is_disk_full(exc):
+        stop_for_full_disk(run, "this launcher")
+        return
+    if not faults.is_storage_error(exc):
+        raise exc
+    reason = faults.one_line(exc)
+    if run.storage_trouble != reason:
+        logger.warning("The study cannot be reached (%s); trying again", reason)
+    run.storage_trouble = reason
+
+
+def stop_for_full_disk(run: Run, who: str) -> None:
+    """No space left: stop every worker (their trials are saved where they can be) once."""
+    if run.disk_full:
+        return
+    run.disk_full = True
+    logger.error("No space left on the device (found by %s): %s. Stopping all workers; free "
+                 "space, then rerun the same command to resume", who,
+                 faults.free_space_line(run.cfg.checkpoint_dir))
+    run.ctl.request_stop(signal.SIGTERM, run.stop_timeout)
 
 
 def keep_going(run: Run) -> bool:
     """Our workers have all ended: look at the study (at most every WAIT_POLL_S) and decide."""
     from psearch.engine import study as study_lib
 
-    if run.stop_signal is not None or run.usage_error:
+    if run.stopping:
         return False
     if time.monotonic() < run.next_check:
         return True
@@ -207,7 +247,7 @@ def on_exit(run: Run, ended: Exit) -> None:
     from psearch.engine import study as study_lib
 
     w, code, kind = ended.worker, ended.returncode, classify_exit(ended.returncode)
-    stopping = run.stop_signal is not None or run.usage_error
+    stopping = run.stopping
     if kind == "done" and not stopping:
         run.done.append(w)
     if stopping or kind == "done":
@@ -220,16 +260,28 @@ def on_exit(run: Run, ended: Exit) -> None:
     elif kind == "failures":
         logger.warning("Worker %s stopped after too many failed trials in a row (see %s); it is "
                        "not restarted", w.slot.label, w.log_path)
+    elif kind == "no_device":
+        logger.error("Worker %s cannot use %s (CUDA does not see it; see %s): that slot is "
+                     "stopped, it never trains on the CPU instead", w.slot.label,
+                     w.slot.describe(), w.log_path)
+    elif kind == "timeout":
+        logger.warning("Worker %s: its trial ran past --trial_timeout %g s and was failed; its "
+                       "processes were killed and it starts again", w.slot.label,
+                       run.cfg.trial_timeout or 0)
+    elif kind == "disk_full":
+        stop_for_full_disk(run, f"worker {w.slot.label}")
     else:
         logger.warning("Worker %s (pid %d) died: %s (its log: %s)", w.slot.label, ended.pid,
                        describe_exit(code), w.log_path)
     if code != 0:  # a worker that did not end cleanly may have left its trial RUNNING
-        reason = "interrupted" if stopping else "worker_died"
+        reason = "interrupted" if run.stopping else "worker_died"
         failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid, run=run.job.run)
         if failed:
             logger.warning("Trial(s) %s of worker %s marked failed (%s): they run again",
                            failed, w.slot.label, reason)
-    if kind == "died" and not stopping and not run.ctl.schedule_restart(w):
+    if kind == "timeout" and not run.stopping:
+        run.ctl.start(w)  # the hung trial is over; the slot itself is fine
+    elif kind == "died" and not stopping and not run.ctl.schedule_restart(w):
         logger.warning("Dropping %s: its worker keeps dying soon after starting",
                        w.slot.describe())
         if not run.ctl.active():
@@ -256,7 +308,7 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     run.status.close()
     n = run.cfg.n_trials
     code = final_exit_code(counts.finished, n, run.usage_error, run.stop_signal,
-                           left_to_others=run.left_to_others > 0)
+                           left_to_others=run.left_to_others > 0, disk_full=run.disk_full)
     best = (f"best value {counts.best_value:.6g} (trial {counts.best_number})"
             if counts.best_value is not None else "no completed trial yet")
     lines = [RULE, f"{counts.finished}/{n} trials finished ({counts.complete} complete, "
@@ -267,14 +319,23 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     if code == 2:
         lines.append("Search stopped (exit code 2): a worker refused its arguments; fix them (see "
                      "its log) and rerun")
+    elif run.disk_full:
+        lines += [f"Search stopped: no space left on the device "
+                  f"({faults.free_space_line(run.cfg.checkpoint_dir)}). Free space, then rerun "
+                  "the same command to resume:", "  " + resume_command(user_argv)]
     elif code != 0:
-        why = {130: "interrupted", 143: "terminated"}.get(code, "not all trials finished")
+        why = {129: "terminal closed", 130: "interrupted", 143: "terminated"}.get(
+            code, "not all trials finished")
         lines += [f"Search stopped ({why}, exit code {code}). Rerun the same command to resume:",
-                  "  " + shlex.join([sys.executable, _script_path(),
-                                     *(redact_url(arg) for arg in user_argv)])]
+                  "  " + resume_command(user_argv)]
     lines.append(RULE)
     say(run.status, "\n".join(lines))
     return code
+
+
+def resume_command(user_argv: Sequence[str]) -> str:
+    """The command that resumes this run, as the user typed it (no password in it)."""
+    return shlex.join([sys.executable, _script_path(), *(redact_url(arg) for arg in user_argv)])
 
 
 def _script_path() -> str:

@@ -169,22 +169,41 @@ def _kill_group(pgid: int) -> None:
 
 # ---------------------------------------------------------------- signals and helper processes
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Interrupts:
-    """Counts SIGINT/SIGTERM; the main loop acts on them (no work inside the handler)."""
+    """Counts SIGINT/SIGTERM/SIGHUP; the main loop acts on them (no work inside the handler).
+
+    SIGHUP (the terminal was closed, outside tmux/screen) stops the run like SIGTERM; the
+    terminal is gone, so from then on output goes to /dev/null (the launcher log still gets it)
+    instead of failing with EIO.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self.signum: int | None = None
 
     def handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
         self.count += 1
         if self.signum is None:
             self.signum = signum
 
     def install(self) -> None:
         # Installed explicitly: a launcher started in the background inherits SIGINT ignored.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr at /dev/null."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def run_child(argv: list[str], env: Mapping[str, str], interrupts: Interrupts,

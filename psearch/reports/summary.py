@@ -29,7 +29,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import (atomic, cmdline, layout, locks, ownership, storage as storage_lib,
+from psearch.engine import (atomic, cli, cmdline, layout, locks, ownership, storage as storage_lib,
                             study as study_lib)
 from psearch.engine.config import DEFAULT_STUDY_NAME, redact_url, resolve_storage
 from psearch.engine.errors import UsageError
@@ -562,7 +562,7 @@ def summarize(checkpoint_dir: Path, storage: str | None = None,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every help states its default."""
-    parser = argparse.ArgumentParser(description="Plots, tables, a report and best_overall/ "
+    parser = cli.Parser(short_usage="--checkpoint_dir C [options]", description="Plots, tables, a report and best_overall/ "
                                      "for a hyperparameter search (safe while it runs).")
     parser.add_argument("--checkpoint_dir", required=True, help="the search's checkpoint folder "
                         "(required)")

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -14,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from psearch.engine import layout
+from psearch.engine import cli, layout
 from psearch.engine.errors import UsageError
 from psearch.writer_id import data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
@@ -57,7 +56,7 @@ def evaluate_checkpoint(best_model_path: str | Path, split: str = "test",
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the metrics of a checkpoint on a split as JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a best_model.pth (required)")
     parser.add_argument("--split", default="test", choices=("test", "val"),
                         help="split to evaluate on (default: test)")

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from psearch.engine import cli
 from psearch.engine.errors import UsageError
 from psearch.writer_id.data_index import split_counts
 
@@ -296,7 +297,7 @@ def make_synthetic(out: str | Path, writers: int = 8, pages_per_writer: int = 10
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python dataset.py make-synthetic` command line (every help states its default)."""
-    parser = argparse.ArgumentParser(description="Data tools for the writer-identification search.")
+    parser = cli.Parser(short_usage="make-synthetic OUT_DIR [options]", description="Data tools for the writer-identification search.")
     sub = parser.add_subparsers(dest="command", required=True)
     syn = sub.add_parser("make-synthetic", help="write a synthetic handwriting-like data set")
     syn.add_argument("out", help="output folder; must not exist or be empty (required)")
