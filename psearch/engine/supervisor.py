@@ -159,7 +159,7 @@ def supervise(run: Run) -> None:
             run.storage_trouble = None
         except Exception as exc:  # noqa: BLE001 - the storage or the disk, never a traceback
             on_storage_error(run, exc)
-        time.sleep(POLL_S)
+        run.interrupts.wait(POLL_S)  # woken at once when a worker ends or a signal comes
 
 
 def on_storage_error(run: Run, exc: Exception) -> None:

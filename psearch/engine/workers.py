@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -183,6 +184,7 @@ class Interrupts:
     def __init__(self) -> None:
         self.count = 0
         self.signum: int | None = None
+        self._wakeup: int | None = None  # read end of the pipe that signals are written to
 
     def handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -192,9 +194,27 @@ class Interrupts:
             self.signum = signum
 
     def install(self) -> None:
+        """Handle the stop signals, and wake `wait` at once on any signal: a stop, or SIGCHLD
+        from a worker that ended (so the launcher reacts at once, not at its next poll)."""
         # Installed explicitly: a launcher started in the background inherits SIGINT ignored.
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
+        read_end, write_end = os.pipe()
+        for fd in (read_end, write_end):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to be woken
+        self._wakeup = read_end
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, less if a signal arrives."""
+        if self._wakeup is None:
+            time.sleep(timeout_s)
+            return
+        if select.select([self._wakeup], [], [], timeout_s)[0]:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wakeup, 512):
+                    pass
 
 
 def _detach_from_terminal() -> None:
