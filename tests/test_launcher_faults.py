@@ -8,14 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from optuna.trial import TrialState
 
-from launcher_runs import _descendants_by_env, by_state, trials
 from psearch.engine import errors, faults
 from psearch.engine.console import DeferredFileHandler
 from psearch.engine.launcher import HeldOutput
 from psearch.engine.supervisor import classify_exit, final_exit_code
 from psearch.writer_id.synthetic import make_synthetic
+
+from launcher_runs import _descendants_by_env, by_state, trials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +149,35 @@ def test_the_launcher_log_is_written_only_once_opened(tmp_path):
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only), unmounted at the end."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a 4 MiB tmpfs that the trials fill")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_ends_the_run_cleanly_and_the_rerun_finishes_exactly(small_disk, runs):
+    ckpt = small_disk / "c"
+    flags = ["--cpu_workers", "2", "--n_trials", "10"]
+    run = runs(ckpt, flags, sleep=0, objective=ROOT / "tests" / "objectives" / "fills_disk.py",
+               out=small_disk.parent / "run1.out")
+    code = run.wait(120)
+    out = run.output()
+    assert code != 0 and "Traceback" not in out, out
+    assert "No space left on the device" in out and "Free space, then rerun" in out, out
+    assert not _alive(_descendants_by_env(run.proc.pid))
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    rerun = runs(ckpt, flags, sleep=0, objective=ROOT / "tests" / "objectives" / "fills_disk.py",
+                 out=small_disk.parent / "run2.out")
+    assert rerun.wait(120) == 0, rerun.output()
+    ts = trials(ckpt)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 10 and not by_state(ts, TrialState.RUNNING)

@@ -1,4 +1,4 @@
-"""Graceful stop on SIGINT/SIGTERM for a worker process.
+"""Graceful stop on SIGINT/SIGTERM/SIGHUP for a worker process.
 
 The first signal asks the worker to stop at the next safe point: the built-in trainer polls
 `StopFlag.requested` between batches; code that cannot poll (a custom objective) is interrupted by
@@ -6,6 +6,7 @@ The first signal asks the worker to stop at the next safe point: the built-in tr
 moment after the first) raises at once. Repeated SIGTERMs do not escalate: they arrive in bursts
 (`scancel` signals every process while the launcher forwards its own; Linux sends the
 parent-death signal once per launcher thread), and the launcher escalates with SIGKILL itself.
+SIGHUP (the terminal of a stand-alone run was closed) stops like SIGTERM.
 Handlers are installed explicitly: a process started in the background inherits SIGINT as
 *ignored*, so Python's default KeyboardInterrupt cannot be relied on.
 """
@@ -42,7 +43,8 @@ class StopFlag:
 
     @property
     def exit_code(self) -> int:
-        """128 + signal number, as shells report a signalled process (130 SIGINT, 143 SIGTERM)."""
+        """128 + signal number, as shells report a signalled process (130 SIGINT, 143 SIGTERM,
+        129 SIGHUP)."""
         return 128 + (self.signum or signal.SIGINT)
 
     def check(self) -> None:
@@ -70,9 +72,12 @@ def is_escalation(signum: int, seconds_since_first: float) -> bool:
 
 
 def install_stop_handlers(flag: StopFlag) -> None:
-    """Route SIGINT and SIGTERM to `flag` (also when they were inherited as ignored)."""
+    """Route SIGINT and SIGTERM to `flag` (also when they were inherited as ignored), and SIGHUP
+    unless it is ignored on purpose (`nohup`: closing the terminal must not stop the run)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, flag.handle)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, flag.handle)
 
 
 def die_with_parent(parent_pid: int) -> None:

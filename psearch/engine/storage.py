@@ -25,11 +25,11 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import optuna
 
-from psearch.engine import locks
+from psearch.engine import locks, paths
 from psearch.engine.config import SearchConfig, redact_url, url_secrets, without_password
 from psearch.engine.errors import UsageError
 
@@ -40,7 +40,7 @@ JOURNAL_PREFIX = "journal:///"
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs",
     "fuse.glusterfs", "panfs", "wekafs", "fuse.sshfs", "afs", "9p", "fuse.s3fs"})
-GET_LOCK_TIMEOUT_S = 600
+GET_LOCK_TRY_S = 1  # one MySQL GET_LOCK try: a stop is noticed between tries
 SCHEMA_RACE_RETRIES = 5
 
 
@@ -86,6 +86,7 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
         return optuna.storages.JournalStorage(JournalFileBackend(path))
     db = sqlite_path(url)
     if db is not None:
+        paths.check_sqlite_file(db)
         db.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # We record heartbeats ourselves (ask/tell, see study.Heartbeat): Optuna's notes on that are
@@ -134,49 +135,56 @@ def lock_key(study_name: str) -> int:
 
 
 @contextlib.contextmanager
-def budget_lock(study: optuna.Study, url: str) -> Iterator[None]:
-    """Hold the study's budget lock for the block (see the module docstring)."""
+def budget_lock(study: optuna.Study, url: str,
+                cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Hold the study's budget lock for the block (see the module docstring). Waiting for it ends
+    with StopRequested as soon as `cancelled()` is true, so a stop is never stuck behind it."""
     backend = rdb_backend(study._storage)
     if backend is not None and backend.engine.name in ("postgresql", "mysql"):
-        with _database_lock(backend, study.study_name):
+        with _database_lock(backend, study.study_name, cancelled):
             yield
         return
     path = journal_path(url)
     if path is not None:
-        from optuna.storages.journal import JournalFileSymlinkLock
-
-        lock = JournalFileSymlinkLock(path + ".budget")
-        lock.acquire()
-        try:
+        # the link that Optuna's JournalFileSymlinkLock(path + ".budget") makes: one lock for all
+        with locks.symlink_lock(path + ".budget.lock", path + ".budget", cancelled):
             yield
-        finally:
-            lock.release()
         return
     db = sqlite_path(url)
     if db is None:
         raise UsageError(f"--storage {redact_url(url)!r}: no budget lock for this storage; use a "
                          "SQLite file, PostgreSQL, MySQL or journal:///FILE")
-    with locks.file_lock(db.with_name(db.name + ".budget.lock")):
+    with locks.file_lock(db.with_name(db.name + ".budget.lock"), cancelled=cancelled,
+                         waiting="Waiting for the study's budget lock (another process holds it)",
+                         note_after_s=2.0):
         yield
 
 
 @contextlib.contextmanager
-def _database_lock(backend: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
-    """A server-side lock on a connection of its own; the server releases it if we die."""
+def _database_lock(backend: optuna.storages.RDBStorage, study_name: str,
+                   cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+    """A server-side lock on a connection of its own; the server releases it if we die. Taken
+    by polling (try, then wait a moment) so that `cancelled()` is checked while waiting."""
     from sqlalchemy import text
 
     with backend.engine.connect() as conn:
         if backend.engine.name == "postgresql":
             with conn.begin():  # the advisory lock ends with this transaction
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                             {"key": lock_key(study_name)})
+                key = {"key": lock_key(study_name)}
+                locks.wait_for(lambda: bool(conn.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:key)"), key).scalar()), cancelled)
                 yield
             return
         name = f"parallel_search_{lock_key(study_name)}"
-        got = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"),
-                           {"name": name, "timeout": GET_LOCK_TIMEOUT_S}).scalar()
-        if got != 1:
-            raise RuntimeError(f"MySQL lock {name} not obtained in {GET_LOCK_TIMEOUT_S} s")
+
+        def get_lock() -> bool:
+            got = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"),
+                               {"name": name, "timeout": GET_LOCK_TRY_S}).scalar()
+            if got is None:
+                raise RuntimeError(f"MySQL GET_LOCK({name}) failed")
+            return got == 1
+
+        locks.wait_for(get_lock, cancelled, poll_s=0)  # GET_LOCK itself waits GET_LOCK_TRY_S
         try:
             yield
         finally:

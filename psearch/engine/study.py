@@ -12,19 +12,21 @@ import threading
 import time
 import warnings
 import zlib
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import ownership, storage as storage_lib
-from psearch.engine.config import SearchConfig, redact_url
+from psearch.engine import faults, ownership, storage as storage_lib
+from psearch.engine.config import SearchConfig, absolute_objective, redact_url
 from psearch.engine.errors import UsageError
+from psearch.engine.stopping import StopRequested
 
 logger = logging.getLogger(__name__)
 
+INTERRUPTED = "interrupted"  # the fail reason of a trial a stop ended: it runs again
 # Trials failed for these reasons did not fail on their own merits: they run again.
-RETRYABLE_REASONS = frozenset({"interrupted", "worker_died", "crashed", "stale"})
+RETRYABLE_REASONS = frozenset({INTERRUPTED, "worker_died", "crashed", "stale"})
 # Reasons that count as an attempt (an interrupt does not): a trial that keeps killing its worker
 # stops being retried after this many attempts.
 MAX_ATTEMPTS = 3
@@ -126,26 +128,45 @@ def _list_summary(values: list) -> str:
     return f"{len(values)} values: {', '.join(map(str, shown))}"
 
 
-def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], where: str) -> None:
-    """Store settings in a new study; refuse (changing nothing) if an existing one differs."""
+def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], where: str,
+                            heartbeat_grace_s: int | None = None) -> None:
+    """Refuse (changing nothing) when the stored settings, or the heartbeat grace period, differ
+    from these; then store what the study does not hold yet (a new study: all of it)."""
     stored = study.user_attrs.get("search_settings")
+    if stored is not None:
+        diffs = settings_differences(_comparable(stored), _comparable(settings))
+        if diffs:
+            raise SettingsMismatch(
+                f"the study in {where} was made with other settings ({'; '.join(diffs)}); rerun "
+                "with the original values, or use another --checkpoint_dir or --study_name")
+    if heartbeat_grace_s is not None:
+        _check_heartbeat(study, heartbeat_grace_s)
     if stored is None:
         study.set_user_attr("search_settings", dict(settings))
-        return
-    diffs = settings_differences(stored, settings)
-    if diffs:
-        raise SettingsMismatch(
-            f"the study in {where} was made with other settings ({'; '.join(diffs)}); rerun with the original values, "
-            "or use another --checkpoint_dir or --study_name")
+    if heartbeat_grace_s is not None:
+        check_or_store_heartbeat(study, heartbeat_grace_s)
+
+
+def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with a custom objective's file made absolute: older versions stored the path as
+    typed, so `obj.py:f` then and `/abs/obj.py:f` now are the same objective."""
+    objective = settings.get("objective")
+    if not isinstance(objective, str) or objective == BUILTIN_OBJECTIVE:
+        return dict(settings)
+    return {**settings, "objective": absolute_objective(objective)}
 
 
 def check_or_store_heartbeat(study: optuna.Study, grace_s: int) -> None:
     """Every launcher of a study must judge heartbeats alike: with a shorter grace period one
     could fail another's live trials. The first run stores it; a different value is refused."""
-    stored = study.user_attrs.get("heartbeat_grace")
-    if stored is None:
+    _check_heartbeat(study, grace_s)
+    if study.user_attrs.get("heartbeat_grace") is None:
         study.set_user_attr("heartbeat_grace", int(grace_s))
-    elif int(stored) != int(grace_s):
+
+
+def _check_heartbeat(study: optuna.Study, grace_s: int) -> None:
+    stored = study.user_attrs.get("heartbeat_grace")
+    if stored is not None and int(stored) != int(grace_s):
         raise SettingsMismatch(f"--heartbeat_grace {grace_s} differs from the {stored} s this "
                                f"study's launchers use; pass --heartbeat_grace {stored}")
 
@@ -195,34 +216,51 @@ def budget_left(counts: Counts, n_trials: int) -> int:
     return max(0, n_trials - counts.finished - counts.running)
 
 
-def claim_trial(study: optuna.Study, cfg: SearchConfig,
-                owner: Mapping[str, Any]) -> optuna.Trial | None:
+def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any],
+                cancelled: Callable[[], bool] | None = None) -> optuna.Trial | None:
     """Start the next trial if the budget allows (None when it does not).
 
     Under the study's budget lock (storage.budget_lock, shared by every launcher of the study):
     fail the trials whose owner is provably dead, count, then create the trial already RUNNING
     with its owner's attributes (and, for an interrupted/crashed trial that runs again, its
     hyperparameters). So the study never exceeds `cfg.n_trials` finished trials however many
-    workers, launchers or nodes race, and no trial is ever RUNNING without an owner.
+    workers, launchers or nodes race, and no trial is ever RUNNING without an owner. When
+    `cancelled()` turns true while waiting for the lock, StopRequested is raised and no trial is
+    made. Safe to call again after a storage error: a trial it queued is taken, not queued twice.
     """
-    with storage_lib.budget_lock(study, cfg.storage_url):
+    with storage_lib.budget_lock(study, cfg.storage_url, cancelled):
+        if cancelled is not None and cancelled():
+            raise StopRequested("stopped while claiming a trial")
         recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace)
         trials = study.get_trials(deepcopy=False)
         if budget_left(count_trials(trials, cfg.direction), cfg.n_trials) <= 0:
             return None
-        retry = next_retry(trials)
-        if retry is None:
-            study.enqueue_trial({}, user_attrs=dict(owner))
-        else:
-            study.enqueue_trial(retry.params, user_attrs={**owner, **retry_user_attrs(retry)})
-            logger.info("Trial %d (%s) runs again as a new trial with the same hyperparameters",
-                        retry.number, retry.user_attrs.get("fail_reason", "stale"))
+        if not any(t.state == TrialState.WAITING and _owned_by(t, owner) for t in trials):
+            _enqueue_next(study, trials, owner)
+        # (else an earlier call queued our trial, then failed in ask(): ask() takes it now)
         trial = study.ask()
-    if any(trial.user_attrs.get(key) != value for key, value in owner.items()):
+    if not _owned_by(trial, owner):
         # ask() took an older queued trial (one a user enqueued by hand): make it ours.
         for key, value in owner.items():
             trial.set_user_attr(key, value)
     return trial
+
+
+def _enqueue_next(study: optuna.Study, trials: Sequence[FrozenTrial],
+                  owner: Mapping[str, Any]) -> None:
+    """Queue the trial to start next: a rerun of a trial that did not fail on its own merits,
+    else a new one."""
+    retry = next_retry(trials)
+    if retry is None:
+        study.enqueue_trial({}, user_attrs=dict(owner))
+        return
+    study.enqueue_trial(retry.params, user_attrs={**owner, **retry_user_attrs(retry)})
+    logger.info("Trial %d (%s) runs again as a new trial with the same hyperparameters",
+                retry.number, retry.user_attrs.get("fail_reason", "stale"))
+
+
+def _owned_by(t: FrozenTrial | optuna.Trial, owner: Mapping[str, Any]) -> bool:
+    return all(t.user_attrs.get(key) == value for key, value in owner.items())
 
 
 def _reason(t: FrozenTrial) -> str:
@@ -245,9 +283,22 @@ def next_retry(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
 def retry_user_attrs(t: FrozenTrial) -> dict[str, Any]:
     """User attributes of the trial that reruns `t`: its origin and attempt count (pure)."""
     attempt = int(t.user_attrs.get("attempt", 1))
-    if _reason(t) != "interrupted":
+    if _reason(t) != INTERRUPTED:
         attempt += 1
     return {"resumed_from": t.number, "attempt": attempt}
+
+
+def failures_in_row(trials: Sequence[FrozenTrial], run: str, worker: str) -> int:
+    """How many of the latest ended trials of worker `worker` in run `run` failed in a row on
+    their own merits (pure): a worker restarted after a timeout goes on counting."""
+    mine = sorted((t for t in trials if t.state.is_finished() and t.user_attrs.get("run") == run
+                   and t.user_attrs.get("worker") == worker), key=lambda t: -t.number)
+    count = 0
+    for t in mine:
+        if t.state != TrialState.FAIL or _reason(t) in RETRYABLE_REASONS:
+            break
+        count += 1
+    return count
 
 
 # ---------------------------------------------------------------- recovery
@@ -341,13 +392,16 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            try:
-                self._beat()
-            except Exception as exc:  # a lost heartbeat must not kill the trial
-                logger.warning("heartbeat not recorded: %s", exc)
+            self._run_once()
+
+    def _run_once(self) -> None:
+        try:
+            self._beat()
+        except Exception as exc:  # noqa: BLE001 - a lost heartbeat must not kill the trial
+            logger.warning("heartbeat not recorded: %s", faults.one_line(exc))
 
     def __enter__(self) -> "Heartbeat":
-        self._beat()
+        self._run_once()
         self._thread.start()
         return self
 

@@ -6,39 +6,54 @@
 Trials run one after another on `cuda:0` (the launcher pins a GPU through CUDA_VISIBLE_DEVICES)
 or on the CPU. The study is `sqlite:///C/optuna_study.db`; `--n_trials` is the study's total of
 finished trials, so rerunning the same command resumes and a larger number runs the difference.
+A fault ends a trial with a reason, never the search (trial.py); the exit codes that end a worker
+are in errors.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
+import functools
 import importlib
 import importlib.util
+import inspect
 import logging
-import math
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import (atomic, children, config, layout, ownership, storage as storage_lib,
-                            study as study_lib)
+from psearch.engine import (children, cli, config, faults, layout, ownership, study as study_lib,
+                            watchdog)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
-from psearch.engine.errors import EXIT_TOO_MANY_FAILURES, UsageError
+from psearch.engine.console import DeferredFileHandler
+from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_TOO_MANY_FAILURES,
+                                   EXIT_TRIAL_TIMEOUT, EXIT_USAGE, UsageError)
 from psearch.engine.stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
+from psearch.engine.trial import (TIMEOUT, Objective, drop_resume_checkpoints, record_end,
+                                  run_one_trial)
 
 logger = logging.getLogger("worker")
-Objective = Callable[[optuna.Trial, Path], float]
 # A run of trials failing on their own merits (not interrupts) means something is wrong with the
 # setup (out of memory at any size, a broken objective): stop instead of burning the budget.
 MAX_CONSECUTIVE_FAILURES = 5
+RUN_VAR = "PARALLEL_SEARCH_RUN"
+EXIT_STORAGE = 1  # the study stayed unreachable through every retry: a plain failure
+
+
+class WorkerExit(Exception):
+    """End the worker with `code`; the reason was logged where it was found."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +80,13 @@ class WorkerIdentity:
                    managed=env.get("PARALLEL_SEARCH_MANAGED") == "1",
                    parent_pid=_int("PARALLEL_SEARCH_PARENT_PID"),
                    cpu_threads=_int("PARALLEL_SEARCH_CPU_THREADS"),
-                   run=env.get("PARALLEL_SEARCH_RUN", ""))
+                   run=env.get(RUN_VAR, ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's command line: the shared search flags plus --prepare_only, --no_summary."""
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
+        short_usage="--data_root D --checkpoint_dir C --n_trials N [options]",
         description="Sequential hyperparameter search for writer identification on one device.")
     add_search_args(parser)
     parser.add_argument("--prepare_only", action="store_true", help="validate the arguments and the "
@@ -86,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- objectives
 
 def load_objective(spec: str) -> Objective:
-    """Import NAME from `path/to/file.py:NAME` or `package.module:NAME`."""
+    """Import NAME from `path/to/file.py:NAME` or `package.module:NAME`, and check that it can be
+    called as NAME(trial, trial_dir)."""
     target, name = spec.rsplit(":", 1)
     try:
         if target.endswith(".py"):
@@ -103,12 +120,24 @@ def load_objective(spec: str) -> Objective:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"--objective {spec!r}: {target!r} has no callable {name!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the first trial tells
+        return fn
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise UsageError(f"--objective {spec!r}: {name}{signature} cannot be called as "
+                         f"{name}(trial, trial_dir); define it as def {name}(trial, trial_dir) "
+                         "-> float") from None
     return fn
 
 
-def prepare(cfg: SearchConfig, who: WorkerIdentity) -> optuna.Study:
-    """Validate, create/load the study, check stored settings, then build the shared image
-    cache: a refused setting stops the run before anything is written."""
+def prepare(cfg: SearchConfig, who: WorkerIdentity,
+            log_file: DeferredFileHandler | None = None) -> optuna.Study:
+    """Check everything, then write: the data (or the objective), the storage and the settings
+    stored with an existing study are checked before anything is created, so a refused run
+    leaves no trace; then the log file, a new study's settings and the shared image cache."""
     writers = None
     if cfg.builtin_objective:
         from psearch.writer_id import objective as writer_objective
@@ -118,15 +147,19 @@ def prepare(cfg: SearchConfig, who: WorkerIdentity) -> optuna.Study:
         load_objective(cfg.objective)
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
     study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers),
-                                      config.redact_url(cfg.storage_url))
-    study_lib.check_or_store_heartbeat(study, cfg.heartbeat_grace)
+                                      config.redact_url(cfg.storage_url), cfg.heartbeat_grace)
+    if log_file is not None:
+        log_file.open(layout.logs_dir(cfg.checkpoint_dir) / layout.log_name(
+            "single_gpu", socket.gethostname(), time.strftime("%Y%m%d_%H%M%S")))
+    logger.info("%s", children.PREPARED_MARKER)
     if cfg.builtin_objective:
         writer_objective.build_cache(cfg)
     return study
 
 
 def make_objective(cfg: SearchConfig, stop: StopFlag, who: WorkerIdentity) -> Objective:
-    """The objective this worker runs: a custom one, or the built-in writer-identification one."""
+    """The objective this worker runs: a custom one, or the built-in writer-identification one
+    (WorkerExit EXIT_NO_DEVICE when pinned to a GPU that CUDA cannot use)."""
     if not cfg.builtin_objective:
         user_fn = load_objective(cfg.objective)
 
@@ -138,64 +171,13 @@ def make_objective(cfg: SearchConfig, stop: StopFlag, who: WorkerIdentity) -> Ob
                 stop.raise_now = False
 
         return objective
-    from psearch.writer_id import objective as writer_objective
+    from psearch.writer_id import hardware, objective as writer_objective
 
-    return writer_objective.WriterObjective(cfg, stop, cpu_threads=who.cpu_threads)
-
-
-# ---------------------------------------------------------------- one trial
-
-def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
-                  cfg: SearchConfig, stop: StopFlag | None = None
-                  ) -> tuple[TrialState, str | None]:
-    """Run a claimed trial and record its end in the study; returns (state, fail reason)."""
-    trial_dir = layout.trial_dir(cfg.checkpoint_dir, trial.number)
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    state, reason, value = TrialState.FAIL, None, None
-    with study_lib.Heartbeat(study, trial, storage_lib.heartbeat_interval_s(cfg.heartbeat_grace)):
-        try:
-            value = objective(trial, trial_dir)
-            if value is None or not math.isfinite(float(value)):
-                raise ValueError(f"objective returned {value!r}, not a finite number")
-            state = TrialState.COMPLETE
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except (StopRequested, KeyboardInterrupt):
-            reason = "interrupted"
-        except Exception as exc:  # any failure ends this trial, never the search
-            reason = _failure_reason(exc, trial.number, trial_dir, stop)
-        finally:
-            _release_device_memory()
-    if reason is not None:
-        trial.set_user_attr("fail_reason", reason[:1000])
-    study.tell(trial, float(value) if state == TrialState.COMPLETE else None, state=state,
-               skip_if_finished=True)
-    logger.info("Trial %d %s%s in %.1f s", trial.number, state.name,
-                f" with value {float(value):.4f}" if state == TrialState.COMPLETE else
-                (f" ({reason})" if reason else ""), time.time() - started)
-    return state, reason
-
-
-def _failure_reason(exc: Exception, number: int, trial_dir: Path, stop: StopFlag | None) -> str:
-    """The fail reason of a trial that raised; its traceback goes to trial_dir/error.log."""
-    if stop is not None and stop.requested:
-        # A consequence of the stop (SIGTERM also ends the data-loader processes, say): the
-        # trial did not fail on its own merits, so it runs again like any interrupted trial.
-        logger.info("Trial %d ended by the stop (%s: %s)", number, type(exc).__name__, exc)
-        return "interrupted"
-    atomic.write_text(trial_dir / "error.log", traceback.format_exc())
-    reason = f"{type(exc).__name__}: {exc}"
-    logger.error("Trial %d failed: %s (traceback in %s)", number, reason, trial_dir / "error.log")
-    return reason
-
-
-def _release_device_memory() -> None:
-    """Free what a trial left on the GPU, so the next trial (or an OOM retry) starts clean."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        return writer_objective.WriterObjective(cfg, stop, cpu_threads=who.cpu_threads)
+    except hardware.DeviceUnavailable as exc:
+        logger.error("%s", exc)
+        raise WorkerExit(EXIT_NO_DEVICE) from None
 
 
 # ---------------------------------------------------------------- the search loop
@@ -203,27 +185,36 @@ def _release_device_memory() -> None:
 def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, stop: StopFlag,
                who: WorkerIdentity) -> int:
     """Claim and run trials until the budget is reached or a stop is asked for; an exit code."""
-    failures_in_row = 0
-    host = ownership.Host.current()
+    cwd = os.getcwd()  # where a stand-alone worker restarts after a timeout
     # The checkpoint folder too: with one folder per node, the summary finds the trial's files.
-    owner = {**ownership.owner_attrs(host, who.run or ownership.run_id(host), who.label),
+    owner = {**ownership.owner_attrs(ownership.Host.current(), who.run, who.label),
              "checkpoint_dir": cfg.checkpoint_dir}
+    failures_in_row = study_lib.failures_in_row(study.get_trials(deepcopy=False), who.run,
+                                                who.label)
     while not stop.requested:
         try:
-            trial = study_lib.claim_trial(study, cfg, owner)
+            trial = faults.retry(lambda: study_lib.claim_trial(
+                study, cfg, owner, cancelled=lambda: stop.requested), "Claiming a trial")
         except StopRequested:
             break
         if trial is None:
             counts = study_lib.count_trials(study.get_trials(deepcopy=False), cfg.direction)
             logger.info("No budget left to start a trial (%d/%d finished, %d running here or on "
                         "other launchers): done", counts.finished, cfg.n_trials, counts.running)
-            return 0
+            return EXIT_OK
+        if stop.requested:  # it came while the trial was being claimed: the trial must not run
+            record_end(study, trial, TrialState.FAIL, None, study_lib.INTERRUPTED)
+            break
         logger.info("Trial %d started%s", trial.number,
                     f" (resumes trial {trial.user_attrs['resumed_from']})"
                     if "resumed_from" in trial.user_attrs else "")
-        state, reason = run_one_trial(study, trial, objective, cfg, stop)
+        on_timeout = functools.partial(_time_out, study, trial, cfg, who, stop,
+                                       watchdog.boot_ticks(), cwd)
+        state, reason = run_one_trial(study, trial, objective, cfg, stop, on_timeout)
+        if reason == faults.DISK_FULL_REASON:
+            return _disk_full(cfg)
         failures_in_row = failures_in_row + 1 if state == TrialState.FAIL and \
-            reason != "interrupted" else 0
+            reason not in study_lib.RETRYABLE_REASONS else 0
         if failures_in_row >= MAX_CONSECUTIVE_FAILURES:
             logger.error("%d trials in a row failed (last: %s); stopping this worker. Fix the "
                          "cause (see trial_NNN/error.log) and rerun the same command to resume.",
@@ -233,68 +224,145 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
     return stop.exit_code
 
 
-def setup_logging(cfg: SearchConfig, who: WorkerIdentity) -> None:
-    """Log lines carry the worker, host and pid; a stand-alone run also logs to
-    CHECKPOINT_DIR/logs (its file named by host too: several nodes may share the folder)."""
+def _time_out(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, who: WorkerIdentity,
+              stop: StopFlag, trial_started: int, cwd: str) -> None:
+    """On the watchdog's thread, for a trial past --trial_timeout: record it FAIL ('timeout'),
+    then end what runs it. A managed worker exits (its launcher kills the process group and
+    restarts it); a stand-alone one kills what the trial started and starts itself afresh."""
+    logger.error("Trial %d ran past --trial_timeout %g s: it fails with reason %r%s",
+                 trial.number, cfg.trial_timeout, TIMEOUT,
+                 "" if who.managed else "; restarting this worker")
+    try:
+        record_end(study, trial, TrialState.FAIL, None, TIMEOUT)
+        drop_resume_checkpoints(study, trial.number, cfg)
+    except Exception as exc:  # noqa: BLE001 - the restarted worker records it (_open_for_run)
+        logger.error("Could not record the timeout of trial %d: %s", trial.number,
+                     faults.one_line(exc))
+    try:
+        if not who.managed:
+            watchdog.kill_processes(watchdog.trial_processes(
+                os.getpid(), watchdog.read_processes(), trial_started))
+            if not stop.requested:
+                watchdog.restart_self({RUN_VAR: who.run}, cwd)
+    except Exception as exc:  # noqa: BLE001 - then this process ends all the same
+        logger.error("Could not restart this worker: %s", faults.one_line(exc))
+    watchdog.exit_now(stop.exit_code if stop.requested else EXIT_TRIAL_TIMEOUT)
+
+
+def _disk_full(cfg: SearchConfig) -> int:
+    logger.error("No space left on the device (%s): stopping this worker. Free space, then rerun "
+                 "the same command to resume", faults.free_space_line(cfg.checkpoint_dir))
+    return EXIT_DISK_FULL
+
+
+def setup_logging(cfg: SearchConfig, who: WorkerIdentity) -> DeferredFileHandler | None:
+    """Log lines carry the worker, host and pid. A stand-alone run also logs to CHECKPOINT_DIR/logs
+    (the file named by host: several nodes may share the folder), kept in memory until `prepare`
+    has checked everything: a refused run leaves no file behind."""
     host = socket.gethostname()
-    fmt = f"%(asctime)s [{who.label}@{host} pid %(process)d] %(levelname)s %(name)s: %(message)s"
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if not who.managed:  # the launcher already sends a managed worker's output to its log file
-        log_dir = layout.logs_dir(cfg.checkpoint_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_dir / f"single_gpu_{ownership.safe_host(host)}_"
-                                            f"{time.strftime('%Y%m%d_%H%M%S')}.log"))
-    logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
+    fmt = logging.Formatter(f"%(asctime)s [{who.label}@{host} pid %(process)d] %(levelname)s "
+                            "%(name)s: %(message)s")
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(fmt)
+    # the launcher already sends a managed worker's output to its log file
+    log_file = None if who.managed else DeferredFileHandler(fmt)
+    logging.basicConfig(level=logging.INFO, handlers=[to_stderr, *filter(None, [log_file])],
+                        force=True)
+    logging.raiseExceptions = False  # a line that cannot be written (full disk) is dropped
     logging.getLogger("PIL").setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    return log_file
 
 
-def _open_for_run(cfg: SearchConfig, who: WorkerIdentity) -> optuna.Study:
+def _open_for_run(cfg: SearchConfig, who: WorkerIdentity,
+                  log_file: DeferredFileHandler | None) -> optuna.Study:
     """A managed worker loads the launcher's study; a stand-alone run prepares it and recovers
     the trials of earlier runs that provably died (other users' live trials are left alone)."""
     if who.managed:
         return study_lib.open_study(cfg, who.rank, who.n_workers, create=False)
-    study = prepare(cfg, who)
+    study = prepare(cfg, who, log_file)
+    # A trial still RUNNING under this very process and run was timed out before this process
+    # restarted itself, and its end could not be recorded then.
+    study_lib.fail_running_trials(study, TIMEOUT, pid=os.getpid(), run=who.run)
     study_lib.recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace)
     return study
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, prepare, run the search loop; exit codes 0, 2, 3, 130/143."""
+    """Entry point: parse, prepare, run the search loop; the exit codes of errors.py, 1 when the
+    study stayed unreachable, 128+N after signal N."""
     who = WorkerIdentity.from_environ(os.environ)
     stop = StopFlag()
     install_stop_handlers(stop)
     if who.parent_pid is not None:
         die_with_parent(who.parent_pid)
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = build_parser().parse_args(argv)
+    if not who.run:  # a stand-alone run is a run of its own (kept across a restart: RUN_VAR)
+        who = dataclasses.replace(who, run=ownership.run_id(ownership.Host.current()))
+    code = _run(ns, who, stop)
+    _exit_if_threads_linger(code)
+    return code
+
+
+def _run(ns: argparse.Namespace, who: WorkerIdentity, stop: StopFlag) -> int:
     try:
         cfg = config_from_args(ns)
-        setup_logging(cfg, who)
-        if ns.prepare_only:
-            prepare(cfg, who)
-            return 0
-        study = _open_for_run(cfg, who)
-        objective = make_objective(cfg, stop, who)
-        code = run_search(study, cfg, objective, stop, who)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    log_file = setup_logging(cfg, who)
+    try:
+        if ns.prepare_only:
+            prepare(cfg, who, log_file)
+            return EXIT_OK
+        objective = make_objective(cfg, stop, who)
+        code = run_search(_open_for_run(cfg, who, log_file), cfg, objective, stop, who)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkerExit as exc:
+        return exc.code
     except StopRequested:
         code = stop.exit_code
+    except Exception as exc:  # noqa: BLE001 - a full disk or a lost study: one line, no traceback
+        return _fatal(exc, cfg)
     if not who.managed and not ns.no_summary:  # the launcher writes it for its workers
         summarize(cfg)
-    return code
+    return stop.exit_code if stop.requested else code  # a Ctrl+C during the summary too
+
+
+def _fatal(exc: Exception, cfg: SearchConfig) -> int:
+    """The exit code for an error that ends the worker: a full disk, a study that stayed
+    unreachable through every retry (its trial is recovered on the next run); a bug re-raises."""
+    if faults.is_disk_full(exc):
+        return _disk_full(cfg)
+    if not faults.is_storage_error(exc):
+        raise exc
+    logger.error("The study cannot be reached (%s); stopping this worker. Rerun the same "
+                 "command to resume", faults.one_line(exc))
+    return EXIT_STORAGE
+
+
+def _exit_if_threads_linger(code: int) -> None:
+    """A thread that an objective started and left running would keep this process alive after
+    main() forever (past its launcher's death too): then exit without waiting for it."""
+    stray = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stray:
+        logger.warning("Exiting without waiting for thread(s) the objective left running: %s",
+                       ", ".join(stray))
+        logging.shutdown()
+        watchdog.exit_now(code)
 
 
 def summarize(cfg: SearchConfig) -> None:
     """End a stand-alone search as the launcher ends one: summary/ and best_overall/. A failure is
-    logged, never changes the exit code."""
+    logged, never changes the exit code (a Ctrl+C during it does: the caller sees the StopFlag)."""
     logger.info("Summarizing results into %s", cfg.checkpoint_dir)
     try:
         code = subprocess.run(children.summary_argv(cfg, sys.executable),
                               env=children.child_environ(os.environ, cfg)).returncode
-    except (KeyboardInterrupt, StopRequested):  # Ctrl+C during it: the search itself is saved
+    except (KeyboardInterrupt, StopRequested):  # a second Ctrl+C: the search itself is saved
         code = 130
     if code != 0:
         logger.warning("Summary failed (exit code %d); rerun it with: %s", code,

@@ -443,7 +443,10 @@ def _builtin(obj: Any) -> Any:
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` atomically: a reader sees the old file or the new one, never half."""
     with atomic.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a Python file: torch.save to a path hides a full disk behind "unexpected pos",
+        # while the OSError (ENOSPC) of a file write stays in the exception's context
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
 
 def load_best_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"

@@ -22,7 +22,7 @@ from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopFlag, StopRequested
 from psearch.writer_id import data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
-from psearch.writer_id.names import TRIAL_RESULT_KEYS
+from psearch.writer_id.names import RESUME_CHECKPOINT, TRIAL_RESULT_KEYS
 from psearch.writer_id.search_space import suggest_hparams
 from psearch.writer_id.train import TrainConfig, Trainer
 
@@ -163,22 +163,30 @@ class WriterObjective:
 
     def _resume_source(self, trial: optuna.Trial, trial_dir: Path,
                        resumed_from: int | None) -> Path | None:
-        """For a rerun of an interrupted trial: its last.pth, best model and reported curve."""
+        """For a rerun of an interrupted trial: the last.pth, best model and reported curve of
+        the latest trial of its line that saved a last.pth (a rerun that was interrupted before
+        its first epoch saved none; the trial it continued did)."""
         if resumed_from is None:
             return None
-        old_dir = layout.trial_dir(self.cfg.checkpoint_dir, resumed_from)
-        old = trial.study.get_trials(deepcopy=False)[int(resumed_from)]
-        for step, value in sorted(old.intermediate_values.items()):
+        trials = trial.study.get_trials(deepcopy=False)
+        source = int(resumed_from)
+        while not self._last(source).exists():
+            if trials[source].user_attrs.get("resumed_from") is None:
+                logger.info("Trial %d reruns trial %d from scratch (no %s was saved)",
+                            trial.number, resumed_from, RESUME_CHECKPOINT)
+                return None
+            source = int(trials[source].user_attrs["resumed_from"])
+        for step, value in sorted(trials[source].intermediate_values.items()):
             trial.report(value, step)
-        if not (old_dir / "last.pth").exists():
-            logger.info("Trial %d reruns trial %d from scratch (it saved no last.pth)",
-                        trial.number, resumed_from)
-            return None
-        if (old_dir / "best_model.pth").exists():
-            shutil.copy2(old_dir / "best_model.pth", trial_dir / "best_model.pth")
-        logger.info("Trial %d continues trial %d from %s", trial.number, resumed_from,
-                    old_dir / "last.pth")
-        return old_dir / "last.pth"
+        best = self._last(source).with_name("best_model.pth")
+        if best.exists():
+            shutil.copy2(best, trial_dir / "best_model.pth")
+        logger.info("Trial %d continues trial %d from %s", trial.number, source,
+                    self._last(source))
+        return self._last(source)
+
+    def _last(self, number: int) -> Path:
+        return layout.trial_dir(self.cfg.checkpoint_dir, number) / RESUME_CHECKPOINT
 
     @staticmethod
     def _finish(trial: optuna.Trial, trainer: Trainer, trial_dir: Path, status: str) -> None:

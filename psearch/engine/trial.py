@@ -1,0 +1,142 @@
+"""One claimed trial: run the objective in the trial's folder, record how it ended, clean up.
+
+Whatever the objective raises ends its trial, never the worker: an exception, and also a
+KeyboardInterrupt or SystemExit of its own (only the worker's StopFlag, set by a signal, stops the
+search; such a trial is 'interrupted' and runs again). A full disk is a fail reason of its own,
+on which the worker stops. Never imports torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from psearch.engine import atomic, faults, layout, storage as storage_lib, study as study_lib
+from psearch.engine.config import SearchConfig
+from psearch.engine.stopping import StopFlag, StopRequested
+from psearch.engine.watchdog import TrialWatchdog
+from psearch.writer_id.names import RESUME_CHECKPOINT
+
+logger = logging.getLogger("worker")
+Objective = Callable[[optuna.Trial, Path], float]
+TIMEOUT = "timeout"  # the fail reason of a trial that ran past --trial_timeout (not retried)
+
+
+def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
+                  cfg: SearchConfig, stop: StopFlag | None = None,
+                  on_timeout: Callable[[], None] | None = None) -> tuple[TrialState, str | None]:
+    """Run a claimed trial and record its end in the study; returns (state, fail reason).
+    `on_timeout` (which must end the process) runs if the trial passes cfg.trial_timeout."""
+    trial_dir = layout.trial_dir(cfg.checkpoint_dir, trial.number)
+    started = time.time()
+    state, reason, value = TrialState.FAIL, None, None
+    with TrialWatchdog(cfg.trial_timeout if on_timeout else None, on_timeout or (lambda: None)), \
+            study_lib.Heartbeat(study, trial,
+                                storage_lib.heartbeat_interval_s(cfg.heartbeat_grace)):
+        try:
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            value = objective(trial, trial_dir)
+            if value is None or not math.isfinite(float(value)):
+                raise ValueError(f"objective returned {value!r}, not a finite number")
+            value, state = float(value), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except StopRequested:
+            reason = study_lib.INTERRUPTED
+        except BaseException as exc:  # noqa: BLE001 - see the module docstring
+            reason = _failure_reason(exc, trial.number, trial_dir, stop)
+        finally:
+            _release_device_memory()
+    record_end(study, trial, state, value, reason)
+    logger.info("Trial %d %s%s in %.1f s", trial.number, state.name,
+                f" with value {value:.4f}" if state == TrialState.COMPLETE else
+                (f" ({reason})" if reason else ""), time.time() - started)
+    if ends_for_good(state, reason):
+        drop_resume_checkpoints(study, trial.number, cfg)
+    return state, reason
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A trial's fail reason for what its objective raised (pure)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) raised by the objective"
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt raised by the objective"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failure_reason(exc: BaseException, number: int, trial_dir: Path,
+                    stop: StopFlag | None) -> str:
+    """The fail reason of a trial that raised; its traceback goes to trial_dir/error.log where
+    the disk still takes it."""
+    if stop is not None and stop.requested:
+        # A consequence of the stop (SIGTERM also ends the data-loader processes, say): the
+        # trial did not fail on its own merits, so it runs again like any interrupted trial.
+        logger.info("Trial %d ended by the stop (%s: %s)", number, type(exc).__name__, exc)
+        return study_lib.INTERRUPTED
+    if faults.is_disk_full(exc):
+        logger.error("Trial %d failed: no space left on the device (%s)", number,
+                     faults.one_line(exc))
+        return faults.DISK_FULL_REASON
+    reason = describe_failure(exc)
+    error_log = trial_dir / "error.log"
+    try:
+        atomic.write_text(error_log, traceback.format_exc())
+        where = f"traceback in {error_log}"
+    except OSError as write_error:
+        where = f"no traceback written: {write_error.strerror}"
+    logger.error("Trial %d failed: %s (%s)", number, reason, where)
+    return reason
+
+
+def record_end(study: optuna.Study, trial: optuna.Trial, state: TrialState,
+               value: float | None, reason: str | None) -> None:
+    """Tell the study how the trial ended (its fail reason first), tried again while the storage
+    hiccups. A trial someone else already ended (its heartbeat was judged stale) keeps that."""
+    def tell() -> None:
+        if reason is not None:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr("fail_reason", reason[:1000])
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state,
+                   skip_if_finished=True)
+
+    faults.retry(tell, f"Recording the end of trial {trial.number}")
+
+
+def ends_for_good(state: TrialState, reason: str | None) -> bool:
+    """True unless the trial runs again (pure)."""
+    return state != TrialState.FAIL or reason not in study_lib.RETRYABLE_REASONS
+
+
+def drop_resume_checkpoints(study: optuna.Study, number: int, cfg: SearchConfig) -> None:
+    """Trial `number` has ended for good: remove its last.pth and those of the interrupted
+    trials it continued (none of them runs again), unless --keep_last. Keeps disk use bounded;
+    a failure here is only logged."""
+    if cfg.keep_last:
+        return
+    try:
+        trials = study.get_trials(deepcopy=False)
+        while number is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (layout.trial_dir(cfg.checkpoint_dir, number) / RESUME_CHECKPOINT).unlink()
+            number = trials[number].user_attrs.get("resumed_from")
+    except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the search
+        logger.warning("Could not remove the %s of trial %d: %s", RESUME_CHECKPOINT, number,
+                       faults.one_line(exc))
+
+
+def _release_device_memory() -> None:
+    """Free what a trial left on the GPU, so the next trial (or an OOM retry) starts clean."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
