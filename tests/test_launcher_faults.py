@@ -181,3 +181,14 @@ def test_a_full_disk_ends_the_run_cleanly_and_the_rerun_finishes_exactly(small_d
     assert rerun.wait(120) == 0, rerun.output()
     ts = trials(ckpt)
     assert len(by_state(ts, TrialState.COMPLETE)) == 10 and not by_state(ts, TrialState.RUNNING)
+
+
+def test_the_resume_hint_repeats_the_command_as_typed_without_a_password():
+    from psearch.engine.supervisor import resume_command
+
+    argv = ["--checkpoint_dir", "runs/a b", "--storage", "postgresql://ana:pw@db/s"]
+    assert resume_command(argv, "parallel_search.py", "/venv/bin/python") == \
+        "/venv/bin/python parallel_search.py --checkpoint_dir 'runs/a b' --storage " \
+        "'postgresql://ana:***@db/s'"
+    assert resume_command(["--n_trials", "4"], "/venv/bin/parallel-search") == \
+        "/venv/bin/parallel-search --n_trials 4"

@@ -6,6 +6,11 @@ class UsageError(ValueError):
     """A bad command-line value or input: the message names it and the fix."""
 
 
+# A run of trials failing on their own merits (not interrupts) means something is wrong with the
+# setup (out of memory at any size, a broken objective): the worker stops instead of burning the
+# budget (EXIT_TOO_MANY_FAILURES).
+MAX_CONSECUTIVE_FAILURES = 5
+
 EXIT_OK = 0  # no budget left for this worker to start a trial
 EXIT_USAGE = 2  # bad arguments: the whole run stops
 EXIT_TOO_MANY_FAILURES = 3  # trials kept failing on their own merits: the slot stops

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -122,6 +121,7 @@ class Run:
     next_refresh: float = 0.0
     next_check: float = 0.0
     done: list[Worker] = dataclasses.field(default_factory=list)  # ended for want of budget
+    gave_up: list[Worker] = dataclasses.field(default_factory=list)  # too many failures in a row
     disk_full: bool = False  # a worker (or this launcher) found no space left: the run stops
     storage_trouble: str | None = None  # the storage error being retried, logged once
     waiting_for: int | None = None  # other launchers' trials this launcher waits for
@@ -258,6 +258,7 @@ def on_exit(run: Run, ended: Exit) -> None:
         run.usage_error = True
         run.ctl.request_stop(signal.SIGTERM, run.stop_timeout)
     elif kind == "failures":
+        run.gave_up.append(w)
         logger.warning("Worker %s stopped after too many failed trials in a row (see %s); it is "
                        "not restarted", w.slot.label, w.log_path)
     elif kind == "no_device":
@@ -324,6 +325,10 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
                   f"({faults.free_space_line(run.cfg.checkpoint_dir)}). Free space, then rerun "
                   "the same command to resume:", "  " + resume_command(user_argv)]
     elif code != 0:
+        if run.gave_up and run.stop_signal is None:
+            lines.append(f"{len(run.gave_up)} worker(s) stopped after {errors.MAX_CONSECUTIVE_FAILURES} failed "
+                         "trials in a row: fix the cause first (trial_NNN/error.log, the "
+                         "fail_reason in trials.csv, the worker logs)")
         why = {129: "terminal closed", 130: "interrupted", 143: "terminated"}.get(
             code, "not all trials finished")
         lines += [f"Search stopped ({why}, exit code {code}). Rerun the same command to resume:",
@@ -333,12 +338,11 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     return code
 
 
-def resume_command(user_argv: Sequence[str]) -> str:
-    """The command that resumes this run, as the user typed it (no password in it)."""
-    return shlex.join([sys.executable, _script_path(), *(redact_url(arg) for arg in user_argv)])
-
-
-def _script_path() -> str:
-    """This script's path as a user would type it: relative when under the current folder."""
-    rel = os.path.relpath(__file__)
-    return str(Path(__file__).resolve()) if rel.startswith("..") else rel
+def resume_command(user_argv: Sequence[str], program: str | None = None,
+                   python: str = sys.executable) -> str:
+    """The command that resumes this run as the user started it: `python parallel_search.py …`
+    or the console script `parallel-search …`, the flags as typed but for a password (pure but
+    for the defaults: this process's argv[0] and interpreter)."""
+    program = sys.argv[0] if program is None else program
+    prefix = [python, program] if program.endswith(".py") else [program]
+    return shlex.join([*prefix, *(redact_url(arg) for arg in user_argv)])

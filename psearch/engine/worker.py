@@ -35,15 +35,13 @@ from psearch.engine import (children, cli, config, faults, layout, ownership, st
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.engine.console import DeferredFileHandler
 from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_TOO_MANY_FAILURES,
-                                   EXIT_TRIAL_TIMEOUT, EXIT_USAGE, UsageError)
+                                   EXIT_TRIAL_TIMEOUT, EXIT_USAGE, MAX_CONSECUTIVE_FAILURES,
+                                   UsageError)
 from psearch.engine.stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
 from psearch.engine.trial import (TIMEOUT, Objective, drop_resume_checkpoints, record_end,
                                   run_one_trial)
 
 logger = logging.getLogger("worker")
-# A run of trials failing on their own merits (not interrupts) means something is wrong with the
-# setup (out of memory at any size, a broken objective): stop instead of burning the budget.
-MAX_CONSECUTIVE_FAILURES = 5
 RUN_VAR = "PARALLEL_SEARCH_RUN"
 EXIT_STORAGE = 1  # the study stayed unreachable through every retry: a plain failure
 
