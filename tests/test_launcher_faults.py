@@ -192,3 +192,16 @@ def test_the_resume_hint_repeats_the_command_as_typed_without_a_password():
         "'postgresql://ana:***@db/s'"
     assert resume_command(["--n_trials", "4"], "/venv/bin/parallel-search") == \
         "/venv/bin/parallel-search --n_trials 4"
+
+
+def test_an_image_cache_that_does_not_fit_is_a_clean_disk_full_error(small_disk, tmp_path):
+    data = make_synthetic(tmp_path / "lines", writers=4, pages_per_writer=10, lines_per_page=8)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "parallel_search.py"), "--data_root", str(data),
+         "--checkpoint_dir", str(small_disk / "c"), "--n_trials", "2", "--cpu_workers", "1",
+         "--models", "small", "--img_height", "64", "--img_width", "640", "--no_pretrained"],
+        capture_output=True, text=True, timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "No space left on the device" in out and "Traceback" not in out, out
+    assert not list((small_disk / "c" / "cache").glob("*.npy"))  # no half-written cache

@@ -28,7 +28,7 @@ from psearch.engine.children import (PREPARED_MARKER, SYNTHETIC_MODULE, WORKER_M
                                      child_environ, module_argv, summary_argv, summary_hint)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args, config_to_argv
 from psearch.engine.console import banner_head, banner_tail, file_log, say, setup_logging
-from psearch.engine.errors import EXIT_USAGE, UsageError
+from psearch.engine.errors import EXIT_DISK_FULL, EXIT_USAGE, UsageError
 from psearch.engine.supervisor import Launch, Run, final_report, supervise
 from psearch.engine.workers import Controller, Interrupts, Worker, run_child
 
@@ -171,6 +171,10 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupt
         return 128 + interrupts.signum
     if code == EXIT_USAGE:  # its one `error:` line says it all; and a refused run writes no log
         file_log.info("Preparation refused the arguments; nothing was started")
+    elif code == EXIT_DISK_FULL:
+        logger.error("Preparation stopped: no space left on the device (see above); nothing was "
+                     "started")
+        return 1
     elif code != 0:
         logger.error("Preparation failed with exit code %d (see the output above)", code)
         return 1

@@ -10,6 +10,7 @@ changed files give a new cache beside the old one. Files in CACHE_DIR:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -191,6 +192,7 @@ def _build(paths: tuple[str, ...], height: int, width: int, npy: Path, meta: Pat
     with atomic.atomic_path(npy) as tmp:
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                            shape=(len(paths), height, width))
+        _reserve(tmp)
         for row, arr, error in _decode_all(paths, height, width, processes):
             if arr is None:
                 pixels[row] = WHITE
@@ -205,6 +207,19 @@ def _build(paths: tuple[str, ...], height: int, width: int, npy: Path, meta: Pat
                              "ok": ok.tolist(), "failures": [list(f) for f in failures]})
     logger.info("Cached %d line images (%d unreadable) in %.1f s: %s (%.1f MiB)", len(paths),
                 len(failures), time.monotonic() - start, npy, npy.stat().st_size / 2**20)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) file now: on a full disk this fails with ENOSPC, where
+    writing through the memory map later would kill the process with SIGBUS."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+            raise
+    finally:
+        os.close(fd)
 
 
 # Starting decoder processes costs about a second; below this many images one process is faster.
