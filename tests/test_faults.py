@@ -277,23 +277,6 @@ def test_the_processes_a_trial_left_are_its_descendants_and_its_group_since_it_b
 
 # ---------------------------------------------------------------- a full disk
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def test_a_full_disk_fails_the_trial_keeps_the_old_model_and_stops_the_worker(small_disk):
     ckpt = small_disk / "c"
     r = run_worker(ckpt, 1, "fills_the_disk_first")

@@ -128,22 +128,8 @@ def test_a_damaged_study_file_is_refused_and_left_as_it_is(tmp_path):
     assert tree(tmp_path / "c") == before
 
 
-@pytest.fixture
-def read_only_fs(tmp_path):
-    """A small tmpfs that the test fills, then remounts read-only (root alone can mount; a
-    read-only file system stops root too, unlike file permissions)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a tmpfs (a read-only file system)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_folders_and_a_study_that_cannot_be_written_are_refused(tmp_path, read_only_fs):
+def test_folders_and_a_study_that_cannot_be_written_are_refused(tmp_path, small_disk):
+    read_only_fs = small_disk
     study_dir = read_only_fs / "search"
     study_dir.mkdir()
     subprocess.run([sys.executable, "-c", "import optuna, sys; optuna.create_study(study_name="
