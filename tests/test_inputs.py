@@ -172,6 +172,9 @@ def test_a_gpu_the_driver_does_not_report_is_refused(tmp_path):
     assert_refused(code, lines, "--gpus 0,5: no GPU 5", "lists 0, 1")
     code, lines = launch(work, "--checkpoint_dir", "c", env={**env, "CUDA_VISIBLE_DEVICES": "GPU-cc"})
     assert_refused(code, lines, "CUDA_VISIBLE_DEVICES=GPU-cc: no GPU GPU-cc")
+    code, lines = launch(work, "--checkpoint_dir", "c", "--gpus", "7",
+                         env={"PATH": "/usr/bin:/bin"})  # no driver tool at all
+    assert_refused(code, lines, "--gpus 7: this machine has no nvidia-smi", "--cpu_workers")
     assert list(work.iterdir()) == []
 
 

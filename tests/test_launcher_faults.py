@@ -62,10 +62,11 @@ def test_ctrl_c_during_the_summary_exits_130(tmp_path, runs):
 def test_a_worker_pinned_to_a_gpu_cuda_cannot_use_stops_its_slot_not_trains_on_cpu(tmp_path):
     data = make_synthetic(tmp_path / "lines", writers=3, pages_per_writer=3, lines_per_page=2)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    env["PATH"] = "/usr/bin:/bin"  # no nvidia-smi: only the worker itself can tell
+    # as SLURM pins a GPU, on a node without nvidia-smi: only the worker itself can tell
+    env.update(PATH="/usr/bin:/bin", CUDA_VISIBLE_DEVICES="0")
     done = subprocess.run(
         [sys.executable, str(ROOT / "parallel_search.py"), "--data_root", str(data),
-         "--checkpoint_dir", str(tmp_path / "c"), "--n_trials", "2", "--gpus", "0",
+         "--checkpoint_dir", str(tmp_path / "c"), "--n_trials", "2",
          "--models", "small", "--epochs", "1", "--img_height", "32", "--img_width", "128",
          "--no_summary", "--no_pretrained"],
         env=env, capture_output=True, text=True, timeout=240)

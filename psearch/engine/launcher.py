@@ -148,6 +148,7 @@ class HeldOutput:
     def finish(self, code: int) -> None:
         """The preparation ended: a refusal shows only its error line(s), anything else all."""
         if code == EXIT_USAGE and not self.released:
+            self.released = True
             for line in self.held:
                 if line.startswith("error:"):
                     _echo(line)
@@ -313,7 +314,11 @@ def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
     if gpus and (ns.gpus is not None or "CUDA_VISIBLE_DEVICES" in environ):
         source = (f"--gpus {ns.gpus}" if ns.gpus is not None
                   else f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}")
-        devices.check_gpus_exist(gpus, devices.probe_inventory(), source)
+        inventory = devices.probe_inventory()
+        if inventory is None and ns.gpus is not None:
+            raise UsageError(f"--gpus {ns.gpus}: this machine has no nvidia-smi, so no NVIDIA "
+                             "driver to run GPU workers; use --cpu_workers N")
+        devices.check_gpus_exist(gpus, inventory, source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
