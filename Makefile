@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean-demo system-deps
+.PHONY: demo test install clean-demo system-deps bench
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The CPU benchmarks (about 15 minutes on 2 cores): writes bench/RESULTS.md. On a machine with a
+# GPU, also run bench/gpu_check.sh.
+bench: $(STAMP)
+	$(VENV)/bin/python bench/run_all.py
 
 clean-demo:
 	rm -rf demo_data demo_runs

@@ -1,4 +1,5 @@
-"""Line datasets, augmentation, the writer-balanced sampler and make_datasets."""
+"""Line datasets (uint8 items, the batch transform per split), the writer-balanced sampler and
+make_datasets. The augmentation itself: test_augment.py."""
 from __future__ import annotations
 
 import os
@@ -62,65 +63,34 @@ def test_sampler_shuffles_and_is_deterministic_without_history():
     assert first != sorted(first)                  # writers are interleaved, not in blocks
 
 
-def test_otsu_threshold_separates_two_modes():
-    rng = np.random.default_rng(0)
-    img = np.concatenate([rng.normal(40, 8, 500), rng.normal(200, 10, 1500)])
-    img = np.clip(img, 0, 255).astype(np.uint8).reshape(20, 100)
-    assert 60 < ds.otsu_threshold(img) < 170
-
-
-def line_image() -> np.ndarray:
-    img = np.full((32, 160), 230, dtype=np.uint8)
-    img[10:22, 20:140:6] = 30
-    return img
-
-
-def test_augment_is_reproducible_and_varies_with_the_seed():
-    img = line_image()
-    outs = [ds.augment(img, np.random.default_rng(s)) for s in range(6)]
-    again = [ds.augment(img, np.random.default_rng(s)) for s in range(6)]
-    for a, b in zip(outs, again):
-        assert a.dtype == np.uint8 and a.shape == img.shape
-        np.testing.assert_array_equal(a, b)
-    assert len({o.tobytes() for o in outs}) == 6
-    assert img.min() == 30 and img.max() == 230   # the input is not modified
-
-
-def test_each_augmentation_runs(monkeypatch):
-    img = line_image()
-    for name in ("P_BINARIZE", "P_ROTATE", "P_BLUR", "P_JITTER", "P_NOISE"):
-        monkeypatch.setattr(ds, name, 0.0)
-    assert (ds.augment(img, np.random.default_rng(0)) == img).all()
-    monkeypatch.setattr(ds, "P_BINARIZE", 1.0)
-    assert set(np.unique(ds.augment(img, np.random.default_rng(0)))) == {0, 255}
-    monkeypatch.setattr(ds, "P_BINARIZE", 0.0)
-    monkeypatch.setattr(ds, "P_ROTATE", 1.0)
-    rotated = ds.augment(np.full((32, 160), 0, np.uint8), np.random.default_rng(1))
-    assert rotated.max() == 255                   # corners filled with white paper
-
-
 def toy_cache(n: int = 6) -> ImageCache:
     pixels = np.stack([np.full((8, 16), 10 * k + 5, dtype=np.uint8) for k in range(n)])
     return ImageCache(pixels, tuple(f"/p{k}" for k in range(n)), np.ones(n, dtype=bool))
 
 
-def test_line_dataset_items_and_reproducible_augmentation():
+def test_line_dataset_hands_over_the_cached_uint8_pixels():
     cache = toy_cache()
     plain = ds.LineDataset(cache, [4, 1], [7, 3], train=False, seed=0)
     x, label, index = plain[0]
-    assert x.shape == (1, 8, 16) and x.dtype == torch.float32 and (label, index) == (7, 0)
-    assert torch.allclose(x, torch.full_like(x, 45 / 255))
+    assert x.shape == (1, 8, 16) and x.dtype == torch.uint8 and (label, index) == (7, 0)
+    assert (x == 45).all()
+    assert plain[1 + 2 * 5][1:] == (3, 1)          # a later cycle's draw is the same line
+    x[...] = 0
+    assert (plain[0][0] == 45).all()               # items are copies, never the cache itself
+
+
+def test_batch_transform_augments_training_batches_reproducibly_per_epoch():
+    cache = toy_cache()
+    val = ds.LineDataset(cache, list(range(6)), [0] * 6, train=False, seed=0)
+    batch = torch.stack([val[k][0] for k in range(6)])
+    assert torch.equal(val.batch_transform(1, torch.device("cpu"))(batch), batch.float() / 255)
     train = ds.LineDataset(cache, list(range(6)), [0] * 6, train=True, seed=0)
-    twin = ds.LineDataset(cache, list(range(6)), [0] * 6, train=True, seed=0)
-    runs = {}
-    for epoch in (0, 1):
-        train.set_epoch(epoch)
-        twin.set_epoch(epoch)
-        runs[epoch] = torch.stack([train[i][0] for i in range(6)])
-        assert torch.equal(runs[epoch], torch.stack([twin[i][0] for i in range(6)]))
+    runs = {e: train.batch_transform(e, torch.device("cpu"))(batch) for e in (0, 1)}
+    assert torch.equal(runs[0], train.batch_transform(0, torch.device("cpu"))(batch))
     assert not torch.equal(runs[0], runs[1])
-    again = train[2 + 6 * 3]                       # same line, another draw in this epoch
-    assert again[1:] == (0, 2) and not torch.equal(again[0], train[2][0])
+    assert not torch.equal(runs[0], batch.float() / 255)
+    other_seed = ds.LineDataset(cache, list(range(6)), [0] * 6, train=True, seed=1)
+    assert not torch.equal(runs[0], other_seed.batch_transform(0, torch.device("cpu"))(batch))
 
 
 def test_loader_batches_do_not_depend_on_worker_count():
@@ -129,7 +99,6 @@ def test_loader_batches_do_not_depend_on_worker_count():
     sampler = ds.WriterBalancedSampler(data.labels, lines_per_writer=8, seed=4)
     batches = []
     for workers in (0, 2):
-        data.set_epoch(2)
         sampler.set_epoch(2)
         loader = torch.utils.data.DataLoader(data, batch_size=6, sampler=sampler,
                                              num_workers=workers)

@@ -1,28 +1,29 @@
-"""Torch data for one trial: line datasets over the image cache, augmentation, balanced sampler.
+"""Torch data for one trial: line datasets over the image cache, the balanced sampler, and how a
+batch of a split becomes the model's input (augmentation: augment.py, on the batch's device).
 
-Everything random is seeded from (seed, epoch, index), never from global or per-process state,
-so a batch is the same with 0 or 8 DataLoader workers and a resumed trial continues exactly.
+Items are the cached uint8 pixels as they are: a data loader only copies them (no per-image work
+in its processes), and a GPU receives a quarter of the bytes of float images. Everything random is
+seeded from (seed, epoch[, writer, cycle]), never from global or per-process state, so a batch is
+the same with 0 or 8 DataLoader workers and a resumed trial continues exactly.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
 
+from psearch.writer_id.augment import augment_batch, epoch_generator, to_unit
 from psearch.writer_id.data_index import (DataError, DataIndex, LineRecord, index_paths,
                                           search_subset)
 from psearch.writer_id.image_cache import ImageCache, build_or_load_cache
 
 logger = logging.getLogger(__name__)
 
-# probability of each augmentation, applied independently (training only)
-P_BINARIZE, P_ROTATE, P_BLUR, P_JITTER, P_NOISE = 0.5, 0.5, 0.3, 0.5, 0.3
-_TAG_ORDER, _TAG_CYCLE = 1, 2   # keep the sampler's random streams apart
+_TAG_ORDER, _TAG_CYCLE = 1, 2   # keep the sampler's random streams apart (augment.py uses 3)
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -30,44 +31,12 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**64 for k in keys])
 
 
-def otsu_threshold(img: np.ndarray) -> int:
-    """Otsu's threshold of a uint8 image: the level that maximises the between-class variance."""
-    p = np.bincount(img.ravel(), minlength=256).astype(np.float64)
-    p /= p.sum()
-    omega = np.cumsum(p)                      # weight of the dark class for threshold t
-    mu = np.cumsum(p * np.arange(256))        # its unnormalised mean
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
-    return int(np.argmax(np.nan_to_num(between, nan=-1.0, posinf=-1.0)))
-
-
-def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Training augmentation of a uint8 [H, W] line; each step on with its own probability."""
-    out = img
-    if rng.random() < P_BINARIZE:   # first, like a binarised scan that is then blurred and noisy
-        out = np.where(out > otsu_threshold(out), 255, 0).astype(np.uint8)
-    if rng.random() < P_ROTATE:
-        out = np.asarray(Image.fromarray(out).rotate(
-            rng.uniform(-2.0, 2.0), resample=Image.Resampling.BILINEAR, fillcolor=255))
-    if rng.random() < P_BLUR:
-        out = np.asarray(Image.fromarray(out).filter(
-            ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 1.2))))
-    if rng.random() < P_JITTER:
-        contrast, brightness = rng.uniform(0.7, 1.3), rng.uniform(-25.0, 25.0)
-        mean = float(out.mean())
-        out = np.clip((out - mean) * contrast + mean + brightness, 0, 255).astype(np.uint8)
-    if rng.random() < P_NOISE:
-        noise = rng.standard_normal(out.shape, dtype=np.float32) * rng.uniform(3.0, 12.0)
-        out = np.clip(out + noise, 0, 255).astype(np.uint8)
-    return np.array(out, dtype=np.uint8, order="C")   # writable, never the caller's array
-
-
 class LineDataset(torch.utils.data.Dataset):
-    """Cached lines as (float32 [1, H, W] in [0, 1], label, index); 0 = black ink, 1 = white paper.
+    """Cached lines as (uint8 [1, H, W], label, index); 0 = black ink, 255 = white paper.
 
-    An index k >= len(self) means line k % len(self), augmentation draw k // len(self): the
-    WriterBalancedSampler uses it so that a line drawn twice in one epoch is augmented twice
-    differently. The returned index is always the line, k % len(self).
+    An index k >= len(self) means line k % len(self) (the WriterBalancedSampler's later cycles:
+    a line drawn twice in one epoch sits at two places of its batches, so it is augmented twice
+    differently). The returned index is always the line, k % len(self).
     """
 
     def __init__(self, cache: ImageCache, rows: Sequence[int], labels: Sequence[int], train: bool,
@@ -77,11 +46,7 @@ class LineDataset(torch.utils.data.Dataset):
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.train, self.seed, self.epoch = bool(train), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's augmentations (reaches DataLoader workers only if not persistent)."""
-        self.epoch = int(epoch)
+        self.train, self.seed = bool(train), int(seed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,11 +55,18 @@ class LineDataset(torch.utils.data.Dataset):
         k = int(k)
         if k < 0 or not len(self.rows):
             raise IndexError(f"index {k} out of range for {len(self.rows)} lines")
-        i, draw = k % len(self.rows), k // len(self.rows)
+        i = k % len(self.rows)
         img = np.array(self.cache.pixels[self.rows[i]])  # a private copy of the read-only memmap
-        if self.train:
-            img = augment(img, _rng(self.seed, self.epoch, i, draw))
-        return torch.from_numpy(img).float().div_(255.0).unsqueeze(0), int(self.labels[i]), i
+        return torch.from_numpy(img).unsqueeze(0), int(self.labels[i]), i
+
+    def batch_transform(self, epoch: int, device: torch.device
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """uint8 batch on `device` → the model's float input in [0, 1] for `epoch`: augmented
+        (seeded by this dataset's seed and the epoch) for training data, only scaled otherwise."""
+        if not self.train:
+            return to_unit
+        gen = epoch_generator(self.seed, epoch, device)
+        return lambda pixels: augment_batch(pixels, gen)
 
 
 class WriterBalancedSampler(torch.utils.data.Sampler[int]):

@@ -1,9 +1,11 @@
 """One trial's training and validation. Knows nothing about Optuna: the caller gets each epoch's
 metrics through `on_epoch` (where it may report, prune or stop by raising).
 
-AdamW with linear warm-up then cosine decay per step, mixed precision on GPU (bf16 where
-supported, else fp16 with a gradient scaler), gradient clipping, early stopping on validation page
-top-1, and per-epoch checkpoints: `best_model.pth` (the best epoch's weights) and `last.pth` (the
+Batches arrive as uint8 lines and are augmented and scaled where the model runs (on the GPU when
+training there: the data loader does no per-image work, so the GPU does not wait for it). AdamW
+with linear warm-up then cosine decay per step, mixed precision on GPU (bf16 where supported, else
+fp16 with a gradient scaler), gradient clipping, early stopping on validation page top-1, and
+per-epoch checkpoints: `best_model.pth` (the best epoch's weights) and `last.pth` (the
 full state to resume: model, optimiser, scheduler, scaler, epoch, RNG).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from psearch.engine import atomic
 from psearch.writer_id import losses, metrics
+from psearch.writer_id.augment import to_unit
 from psearch.writer_id.dataset import WriterBalancedSampler
 from psearch.writer_id.model import WriterNet, checkpoint_payload, save_torch
 from psearch.writer_id.names import METRIC_KEYS
@@ -82,7 +85,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device,
                 sampler=None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader; workers are not persistent so each epoch's `set_epoch` reaches them."""
+    """A DataLoader of uint8 lines (pinned on a GPU run: the copy to the GPU does not block)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=num_workers, pin_memory=device.type == "cuda",
                       drop_last=drop_last)
@@ -97,7 +100,7 @@ def embed(model: WriterNet, loader: DataLoader, device: torch.device
     out: list[list[np.ndarray]] = [[], [], [], []]
     for x, y, idx in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-            emb, logits = model(x.to(device, non_blocking=True))
+            emb, logits = model(to_unit(x.to(device, non_blocking=True)))
         for acc, t in zip(out, (emb.float(), logits.float(), y, idx)):
             acc.append(t.cpu().numpy())
     return tuple(np.concatenate(a) for a in out)  # type: ignore[return-value]
@@ -221,12 +224,13 @@ class Trainer:
         """One pass over the writer-balanced sample; sums stay on the device (one sync/epoch)."""
         self.model.train()
         self.sampler.set_epoch(epoch)
-        self.data.train.set_epoch(epoch)
+        to_input = self.data.train.batch_transform(epoch, self.device)   # augments on the device
         sums = torch.zeros(4, device=self.device)
         seen, last_log, n_batches = 0, time.time(), len(self.train_loader)
         for b, (x, y, _) in enumerate(self.train_loader):
             self.stop_check()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = to_input(x.to(self.device, non_blocking=True))
+            y = y.to(self.device, non_blocking=True)
             loss, cls, trip, correct = self._step(x, y)
             sums += torch.stack([loss * len(y), cls * len(y), trip * len(y), correct.float()])
             seen += len(y)

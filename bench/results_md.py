@@ -1,0 +1,152 @@
+"""bench/RESULTS.md from the figures bench/run_all.py collected (pure: dicts in, markdown out)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+CACHE_TARGET = 5.0
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> list[str]:
+    """A markdown table of `rows`, one column per (key, heading); missing values show as '-'."""
+    def cell(value: Any) -> str:
+        return "-" if value is None or value == "" else str(value)
+
+    return ["| " + " | ".join(h for _, h in columns) + " |",
+            "|" + "---|" * len(columns),
+            *["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows], ""]
+
+
+def machine_section(info: dict) -> list[str]:
+    return ["## Machine", "", *table([info], [
+        ("cpu", "CPU"), ("cores", "cores"), ("ram_gib", "RAM GiB"), ("python", "Python"),
+        ("torch", "torch"), ("optuna", "Optuna"), ("gpu", "GPU"), ("date", "date"),
+        ("load_before", "load avg. before (1/5/15 min)"), ("load_after", "after")]),
+        "The machine may be shared: what other processes took of its CPU during each benchmark "
+        "is under Run times; it lowers absolute rates more than side-by-side ratios.", ""]
+
+
+def cache_section(f: dict) -> list[str]:
+    met = f["ratio"] >= CACHE_TARGET
+    verdict = (f"target >= {CACHE_TARGET:g}x: **met**" if met else
+               f"target >= {CACHE_TARGET:g}x: **missed** (decoding is cheap here: small, fast-"
+               "compressed PNGs from a warm page cache; real scans are larger and slower)")
+    return ["## 1. Image cache against decoding every epoch (`bench/cache_vs_decode.py`)", "",
+            f"The data part of an epoch: {f['lines']} synthetic line PNGs "
+            f"{f['source_height']} px high, to {f['size']}, through the same DataLoader "
+            f"(batch 16, {f['num_workers']} loader processes), median of {f['repeats']} "
+            "alternating epochs each way.", "",
+            *table([{"way": "image cache (memory-mapped uint8)",
+                     "rate": f["cache_lines_per_s"]},
+                    {"way": "decode + resize every image each epoch",
+                     "rate": f["decode_lines_per_s"]},
+                    {"way": "**ratio**", "rate": f"**{f['ratio']}x** ({verdict})"}],
+                   [("way", "way"), ("rate", "lines/s")]),
+            f"Building the cache once took {f['cache_build_s']} s for these {f['lines']} lines "
+            "(one process); every later epoch of every trial reads it.", ""]
+
+
+def augment_section(f: dict) -> list[str]:
+    ratios = [r["ratio"] for r in f["rows"]]
+    verdict = ("about as fast per core, so CPU training uses the batched path too: one code path "
+               "on both devices" if min(ratios) >= 0.8 else
+               "slower per core on the CPU here (see the ratio); the GPU is where it must run")
+    return ["## 2. Augmentation on the CPU: per image (PIL/numpy) against batched (torch) "
+            "(`bench/augment_cpu.py`)", "",
+            f"One thread, batches of {f['batch']} synthetic lines; per image is how data-loader "
+            "processes augmented before, batched is `psearch/writer_id/augment.py`, which "
+            "training runs on its device (the GPU when there is one).", "",
+            *table(f["rows"], [("size", "size"), ("per_image_pil_lines_per_s",
+                                                   "per image, lines/s"),
+                               ("batched_torch_lines_per_s", "batched, lines/s"),
+                               ("ratio", "batched / per image")]),
+            f"Batched is {verdict}.", ""]
+
+
+def throughput_section(f: dict) -> list[str]:
+    return ["## 3. Training throughput on the CPU (`bench/train_throughput.py`)", "",
+            f"The real training step (uint8 batch, batched augmentation, forward, loss, backward, "
+            f"clipping, AdamW), random weights, {f['threads']} torch threads, each model and size "
+            "time-boxed after one warm-up step. GPU figures (AMP, peak memory): "
+            "`bench/gpu_check.sh`, not run here (no GPU).", "",
+            *table(f["rows"], [("model", "model"), ("size", "size"), ("batch", "batch"),
+                               ("steps", "timed steps"), ("lines_per_s", "lines/s"),
+                               ("precision", "precision"), ("cpu_share", "CPU share got")]),
+            "CPU share got: the time its threads ran / (wall x threads); well below 1 means other "
+            "processes took cores meanwhile and the rate understates the machine.", ""]
+
+
+def pruner_section(f: dict) -> list[str]:
+    s = f["settings"]
+    return ["## 4. Pruners under one device-time budget (`bench/pruners.py`)", "",
+            f"The built-in objective through the real launcher (`--cpu_workers 1`), synthetic data "
+            f"of {s['writers']} similar writers (`--similarity 0.75`), model `small`, "
+            f"{s['img_height']}x{s['img_width']}, {s['epochs']} epochs per trial, "
+            f"{s['lines_per_writer']} lines per writer per epoch, seed {s['seed']}; each pruner "
+            f"gets {s['budget_s']:g} device-seconds from its first trial on, then the run is "
+            "stopped like a user stops it (the trial running then counts for nothing). "
+            "Device-seconds of the CPU worker: the CPU time it used / its threads, its wall time "
+            "on an idle machine, so other processes' load does not shrink one pruner's budget. "
+            "Best value among complete trials; the curve of best value against device-seconds is "
+            "`bench/pruner_curves.csv`.", "",
+            *table(f["rows"], [("pruner", "pruner"), ("complete", "complete"),
+                               ("pruned", "pruned"), ("epochs_trained", "epochs trained"),
+                               ("best_val_page_top1", "best val page top-1"),
+                               ("best_reached_at_s", "reached at device-s"),
+                               ("trial0_val_page_top1", "trial 0's value")]),
+            "Trial 0 has the same hyperparameters in every run (the sampler is seeded), so the "
+            "spread of its value is the run-to-run noise of one training; differences of best "
+            "values within that spread mean nothing. One seed and one small budget: the ranking "
+            "of best values is indicative, not significant. What the table shows robustly is how "
+            "many trials and epochs each pruner buys with the same device time.", ""]
+
+
+def launcher_section(f: dict) -> list[str]:
+    w = f["workers"]
+    out = ["## 5. This launcher against plain Optuna (`bench/launcher_vs_optuna.py`)", "",
+           f"Trials that only sleep, {f['workers']} workers on {f['cores']} cores, median of "
+           f"{f['repeats']} interleaved runs (sequential: one run). `launcher`: "
+           f"`parallel_search.py --cpu_workers {w}`; `plain`: {w} processes each "
+           f"`optimize(n_trials=N/{w})` on one SQLite study; `n_jobs`: one process, "
+           f"`optimize(n_jobs={w})` (threads); `sequential`: one "
+           "process, one trial at a time. Effective parallelism = sum of trial durations / "
+           "(wall x workers); wall includes starting the interpreters and imports; first trial = "
+           "launch to the first trial's start. Ray Tune: " + f["ray_tune"] + ".", ""]
+    for name, rows in f["scenarios"].items():
+        columns = [("method", "method"), ("runs", "runs"), ("finished", "finished"),
+                   ("wall_s", "wall s"), ("first_trial_s", "first trial after s"),
+                   ("parallelism", "effective parallelism")]
+        if any("speedup_vs_sequential" in r for r in rows):
+            columns.append(("speedup_vs_sequential", "speed-up vs sequential"))
+        out += [f"### {name} on {f['workers']} workers", "", *table(rows, columns)]
+    out += ["Before its first trial the launcher validates the flags, prepares the study in a "
+            "worker process and starts its workers; every process-based method pays for Python "
+            "and Optuna imports, which compete for the cores when workers outnumber them. Threads "
+            "(`n_jobs`) start at once but share one interpreter: fine for trials that wait on a "
+            "device, not for trials that compute in Python.", ""]
+    return out
+
+
+SECTIONS = (("cache", cache_section), ("augment", augment_section),
+            ("throughput", throughput_section), ("pruners", pruner_section),
+            ("launcher", launcher_section))
+
+
+def render(info: dict, figures: dict, errors: dict, timings: Sequence[dict],
+           quick: bool = False) -> str:
+    """The whole RESULTS.md."""
+    lines = ["# Benchmark results", "",
+             "Written by `make bench` (`bench/run_all.py`); rerun it rather than edit this file. "
+             "Compare the side-by-side ratios; absolute rates depend on the machine and its load.",
+             ""]
+    if quick:
+        lines += ["**A `--quick` smoke run: tiny settings, not figures to keep.**", ""]
+    lines += machine_section(info)
+    for name, section in SECTIONS:
+        if figures.get(name) is not None:
+            lines += section(figures[name])
+        else:
+            lines += [f"## {name}: failed", "", f"`{errors.get(name, 'no figures')}`", ""]
+    lines += ["## Run times", "", *table(timings, [
+        ("name", "benchmark"), ("seconds", "seconds"),
+        ("others_cpu", "CPU taken by other processes meanwhile"), ("status", "status")])]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,169 @@
+"""The benchmarks' own arithmetic and reports (bench/), with plain data: no timings are asserted."""
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from psearch.engine import layout
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check_report  # noqa: E402
+import launcher_vs_optuna  # noqa: E402
+import pruners  # noqa: E402
+import results_md  # noqa: E402
+
+T0 = dt.datetime(2026, 11, 28, 12, 0, 0)
+
+
+def trial(number, state, start_s, end_s, value=None, steps=0):
+    return SimpleNamespace(number=number, state=state, value=value,
+                           datetime_start=None if start_s is None else T0 + dt.timedelta(
+                               seconds=start_s),
+                           datetime_complete=None if end_s is None else T0 + dt.timedelta(
+                               seconds=end_s),
+                           intermediate_values={k: 0.0 for k in range(1, steps + 1)})
+
+
+def test_effective_parallelism_and_time_to_first_trial():
+    trials = [trial(0, TrialState.COMPLETE, 2, 10), trial(1, TrialState.COMPLETE, 3, 11),
+              trial(2, TrialState.FAIL, 4, 5)]
+    fig = launcher_vs_optuna.trial_figures(trials, T0, wall_s=12.0, workers=2)
+    assert fig == {"finished": 2, "wall_s": 12.0, "first_trial_s": 2.0, "busy_s": 16.0,
+                   "parallelism": round(16 / 24, 3)}
+    rows = launcher_vs_optuna.summarize(
+        [{"method": "plain", **fig}, {"method": "plain", **fig, "wall_s": 14.0},
+         {"method": "sequential", **fig, "wall_s": 26.0}], sequential_wall=26.0)
+    assert [r["method"] for r in rows] == ["plain", "sequential"]
+    assert rows[0]["wall_s"] == 13.0 and rows[0]["speedup_vs_sequential"] == 2.0
+
+
+def test_pruner_curve_counts_device_seconds_by_the_clock_given():
+    trials = [trial(0, TrialState.COMPLETE, 0, 10, 0.5, 3), trial(1, TrialState.PRUNED, 10, 12,
+                                                                  None, 1),
+              trial(2, TrialState.COMPLETE, 12, 22, 0.75, 3), trial(3, TrialState.COMPLETE, 22,
+                                                                    30, 0.6, 3),
+              trial(4, TrialState.RUNNING, 30, None, None, 1), trial(5, TrialState.FAIL, 30, 31)]
+    # a machine where the worker got half the CPU: device time runs at half the wall clock
+    half = lambda wall: (wall - T0.timestamp()) / 2  # noqa: E731
+    curve = pruners.best_curve(trials, half)
+    assert curve == [(5.0, 0.5, 0), (6.0, 0.5, 1), (11.0, 0.75, 2), (15.0, 0.75, 3),
+                     (15.5, 0.75, 5)]
+    row = pruners.summary_row({"pruner": "asha", "trials": trials, "curve": curve}, 35.0)
+    assert row == {"pruner": "asha", "budget_s": 35.0, "complete": 3, "pruned": 1,
+                   "epochs_trained": 11, "best_val_page_top1": 0.75, "best_reached_at_s": 11.0,
+                   "trial0_val_page_top1": 0.5}
+
+
+def test_device_clock_reads_the_cpu_time_of_the_launchers_children():
+    clock = pruners.DeviceClock(os.getpid(), threads=2)
+    clock.sample()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n" \
+           "time.sleep(5)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        deadline = time.time() + 20
+        while pruners.children_cpu_s(os.getpid()) - clock.cpus[0] < 0.4:
+            assert time.time() < deadline, "the child's CPU time never showed"
+            time.sleep(0.1)
+        clock.sample()
+    finally:
+        child.kill()
+        child.wait()
+    middle = (clock.walls[0] + clock.walls[1]) / 2
+    assert clock.seconds_at(clock.walls[1]) - clock.seconds_at(clock.walls[0]) >= 0.2   # / 2
+    assert clock.seconds_at(clock.walls[0]) < clock.seconds_at(middle) < clock.seconds_at(
+        clock.walls[1])
+
+
+FIGURES = {
+    "cache": {"lines": 192, "size": "160x1760", "source_height": 240, "num_workers": 0,
+              "repeats": 5, "cache_build_s": 1.2, "cache_lines_per_s": 900.0,
+              "decode_lines_per_s": 300.0, "ratio": 3.0, "target_ratio": 5.0},
+    "augment": {"threads": 1, "batch": 16, "rows": [{"size": "64x640", "ratio": 1.0,
+                                                     "per_image_pil_lines_per_s": 1100,
+                                                     "batched_torch_lines_per_s": 1100}]},
+    "throughput": {"threads": 2, "rows": [{"model": "vit", "size": "160x1760", "batch": 2,
+                                           "steps": 3, "lines_per_s": 0.2, "precision": "fp32",
+                                           "cpu_share": 0.9}]},
+    "pruners": {"settings": {"budget_s": 75.0, "writers": 8, "img_height": 64, "img_width": 640,
+                             "epochs": 9, "lines_per_writer": 16, "seed": 42},
+                "rows": [{"pruner": "none", "complete": 3, "pruned": 0, "epochs_trained": 27,
+                          "best_val_page_top1": None, "best_reached_at_s": None,
+                          "trial0_val_page_top1": None}]},
+}
+LAUNCHER = {"workers": 8, "repeats": 3, "cores": 2, "ray_tune": "not installed",
+            "scenarios": {"160 x 0.5 s": [
+                {"method": "launcher", "runs": 3, "finished": "160", "wall_s": 17.2,
+                 "first_trial_s": 4.6, "parallelism": 0.62, "speedup_vs_sequential": 4.97}]}}
+
+
+def test_results_file_names_a_missed_target_and_a_failed_benchmark():
+    info = {"cpu": "AMD EPYC", "cores": 2, "ram_gib": 23.5, "python": "3.11", "torch": "2",
+            "optuna": "5", "gpu": "none", "date": "today", "load_before": "1", "load_after": "2"}
+    timings = [{"name": "cache", "seconds": 10, "others_cpu": "3%", "status": "ok"},
+               {"name": "launcher", "seconds": 3, "others_cpu": "40%", "status": "failed"}]
+    text = results_md.render(info, {**FIGURES, "launcher": None},
+                             {"launcher": "exit 1: boom"}, timings)
+    assert "| AMD EPYC | 2 | 23.5 |" in text
+    assert "**3.0x**" in text and "**missed**" in text
+    assert "| vit | 160x1760 | 2 | 3 | 0.2 | fp32 | 0.9 |" in text
+    assert "| none | 3 | 0 | 27 | - | - | - |" in text      # no complete value: a dash
+    assert "## launcher: failed" in text and "exit 1: boom" in text
+    assert "| launcher | 3 | 40% | failed |" in text
+    ok = results_md.render(info, {**FIGURES, "launcher": LAUNCHER}, {}, timings[:1])
+    assert "`parallel_search.py --cpu_workers 8`" in ok and "### 160 x 0.5 s on 8 workers" in ok
+    assert "| launcher | 3 | 160 | 17.2 | 4.6 | 0.62 | 4.97 |" in ok and "failed" not in ok
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_gpu_check_stops_at_once_without_a_gpu():
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("gpu_check: error: nvidia-smi not found")
+
+
+def test_gpu_check_report_from_what_the_check_leaves(tmp_path):
+    search = tmp_path / "search"
+    search.mkdir()
+    study = optuna.create_study(study_name="writer_id_search", direction="maximize",
+                                storage=layout.default_storage_url(search))
+    for k, (start, end) in enumerate([(0, 40), (5, 50)]):
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=k, trial_id=k, state=TrialState.COMPLETE, value=0.5,
+            datetime_start=T0 + dt.timedelta(seconds=start),
+            datetime_complete=T0 + dt.timedelta(seconds=end), params={}, distributions={},
+            user_attrs={"worker": f"gpu0w{k}"}, system_attrs={}, intermediate_values={}))
+        folder = search / f"trial_{k:03d}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(
+            {"writers": ["a", "b"], "settings": {"lines_per_writer": 100, "batch_size": 16}}))
+        (folder / "history.csv").write_text("epoch,epoch_time_s\n1,10\n2,10\n")
+    # samples before the first trial (idle) are left out; those while trials ran count
+    stamps = [T0 + dt.timedelta(seconds=s) for s in (-60, 1, 49)]
+    (tmp_path / "nvidia_smi.csv").write_text("".join(
+        f"{s:%Y/%m/%d %H:%M:%S.%f}, {u}, {m}, 143771\n"
+        for s, u, m in zip(stamps, (0, 80, 90), (500, 30000, 31000))))
+    (tmp_path / "throughput.json").write_text(json.dumps({"device_name": "NVIDIA H200", "rows": [
+        {"model": "convnext", "size": "160x1760", "batch": 16, "lines_per_s": 500.0,
+         "precision": "bf16 autocast", "peak_gib": 5.8}]}))
+    (tmp_path / "pytest.log").write_text("..\n2 passed in 3.1s\n")
+    text = gpu_check_report.report(tmp_path)
+    assert "| trials | 2 complete |" in text and "gpu0w0, gpu0w1" in text
+    # 2 trials x 2 epochs x 192 lines (200 less the partial batch): in 40 s of epochs, and in
+    # the 50 s from the first trial's start to the last one's end
+    assert "| training lines/s, per trial (epochs incl. validation) | 19.2 |" in text
+    assert "| training lines/s, the GPU (both workers, while trials ran) | 15.4 |" in text
+    assert "85 / 90 (2 samples)" in text and "| 31000 of 143771 |" in text
+    assert "| convnext | 160x1760 | 16 | 500.0 | bf16 autocast | 5.8 |" in text
+    assert text.rstrip().endswith("2 passed in 3.1s")
