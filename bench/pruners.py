@@ -100,9 +100,12 @@ def run_pruner(data: Path, folder: Path, pruner: str, args: argparse.Namespace) 
     """One launcher run, stopped with SIGINT once its worker has used the budget."""
     ckpt = folder / pruner
     url = layout.default_storage_url(str(ckpt))
+    # OpenMP threads that wait sleep instead of spinning: spinning would count as device time
+    # whenever another process holds a core the other thread needs
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     with open(folder / f"{pruner}.log", "wb") as log:
-        proc = subprocess.Popen(search_argv(data, ckpt, pruner, args), cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(search_argv(data, ckpt, pruner, args), cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
         clock, first_start = DeviceClock(proc.pid, len(os.sched_getaffinity(0))), None
         while proc.poll() is None:
             time.sleep(POLL_S)
