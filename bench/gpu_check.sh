@@ -31,6 +31,8 @@ nvidia-smi -i "$GPU" -L >/dev/null 2>&1 \
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
     || fail "$PY: torch sees no CUDA GPU (a CPU-only torch build, or a driver problem)"
 
+# nvidia-smi numbers GPUs by PCI bus; let CUDA do the same (the launcher does it for its workers)
+export CUDA_DEVICE_ORDER=${CUDA_DEVICE_ORDER:-PCI_BUS_ID}
 OUT=${1:-$(mktemp -d -t gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -47,21 +49,19 @@ timeout 45 "$PY" dataset.py make-synthetic "$OUT/data" --writers 8 --similarity 
     --height 160 > "$OUT/data.log" 2>&1 || fail "making the data failed: see $OUT/data.log"
 
 echo "gpu_check: [2/4] a real search: 2 workers on GPU $GPU (at most 3.5 minutes)"
-date +%s.%N > "$OUT/search_start"
 timeout 210 "$PY" parallel_search.py --gpus "$GPU" --workers_per_gpu 2 --data_root "$OUT/data" \
     --checkpoint_dir "$OUT/search" --n_trials 4 --models small,convnext --no_pretrained \
     --epochs 3 --img_height 160 --img_width 1760 --batch_size 16 --lines_per_writer 128 \
     --num_workers 2 --no_summary > "$OUT/search.log" 2>&1 \
     || fail "the search failed or ran past 3.5 minutes (exit $?): see $OUT/search.log"
-date +%s.%N > "$OUT/search_end"
 
 echo "gpu_check: [3/4] AMP training throughput, convnext and vit at 160x1760"
-timeout 120 "$PY" bench/train_throughput.py --device cuda --models convnext,vit \
-    --sizes 160x1760 --batch 16 --steps 20 --json "$OUT/throughput.json" \
+CUDA_VISIBLE_DEVICES="$GPU" timeout 120 "$PY" bench/train_throughput.py --device cuda \
+    --models convnext,vit --sizes 160x1760 --batch 16 --steps 20 --json "$OUT/throughput.json" \
     > "$OUT/throughput.log" 2>&1 || fail "the throughput run failed: see $OUT/throughput.log"
 
 echo "gpu_check: [4/4] memory after a forced out-of-memory trial; augmentation on the GPU"
-timeout 75 "$PY" -m pytest -q -p no:cacheprovider \
+CUDA_VISIBLE_DEVICES="$GPU" timeout 75 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py::test_memory_is_released_after_an_out_of_memory_trial \
     tests/test_augment.py::test_on_the_gpu_reproducible_and_in_range > "$OUT/pytest.log" 2>&1 \
     || fail "a GPU test failed: see $OUT/pytest.log"

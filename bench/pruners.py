@@ -1,13 +1,11 @@
 """Which pruner reaches the best validation value for the same device time: the built-in objective
 on synthetic similar-writer data (`dataset.py make-synthetic --similarity 0.75`), run by the real
 launcher (`parallel_search.py --cpu_workers 1`) once per `--pruner`, each with the same budget of
-device-seconds. When a run has spent its budget it is stopped like a user stops it (Ctrl+C: the
-running trial is recorded as interrupted and counts for nothing). All runs use the same --seed, so
-they start from the same sampled hyperparameters.
-
-Device-seconds of this CPU worker are the CPU-seconds its process used since its first trial
-started, divided by its threads: its wall time on an idle machine. So other processes taking cores
-during one run (a shared machine) do not shrink that pruner's budget.
+device-seconds: the summed durations of its trials, what a GPU would spend on them. When a run has
+spent its budget it is stopped like a user stops it (Ctrl+C: the running trial is recorded as
+interrupted and counts for nothing). All runs use the same --seed, so they start from the same
+sampled hyperparameters. Run it on an otherwise idle machine: other processes taking cores slow
+the trials of whichever pruner runs then (bench/run_all.py reports how much CPU they took).
 
     python bench/pruners.py [--budget_s 300] [--pruners median,asha,hyperband,none]
         [--curve_csv curves.csv] [--json out.json]
@@ -20,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -51,87 +47,54 @@ def search_argv(data: Path, ckpt: Path, pruner: str, args: argparse.Namespace) -
             "0", "--seed", str(args.seed), "--no_summary"]
 
 
-def children_cpu_s(pid: int) -> float:
-    """CPU-seconds used by the live children of `pid` and by what they waited for (/proc)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:   # the process has just ended
-            continue
-        if int(fields[1]) == pid:                       # ppid
-            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
+def device_seconds(trials: Sequence, now: float) -> float:
+    """Seconds the device has spent on trials: finished ones whole, running ones so far (pure)."""
+    total = 0.0
+    for t in trials:
+        if t.datetime_start is not None:
+            end = t.datetime_complete.timestamp() if t.datetime_complete else now
+            total += end - t.datetime_start.timestamp()
+    return total
 
 
-class DeviceClock:
-    """Device-seconds of the launcher's CPU worker at any wall time, from sampled CPU time."""
-
-    def __init__(self, launcher_pid: int, threads: int) -> None:
-        self.pid, self.threads = launcher_pid, threads
-        self.walls: list[float] = []
-        self.cpus: list[float] = []
-
-    def sample(self) -> None:
-        self.walls.append(time.time())
-        self.cpus.append(children_cpu_s(self.pid))
-
-    def seconds_at(self, wall: float) -> float:
-        """Device-seconds used up to `wall` (between samples: interpolated)."""
-        return float(np.interp(wall, self.walls, self.cpus)) / self.threads
-
-
-def best_curve(trials: Sequence, spent_at: Callable[[float], float]
-               ) -> list[tuple[float, float | None, int]]:
-    """(device-seconds spent when a trial finished, best complete value so far, trial number) in
-    the order trials finished; spent_at maps a wall time to device-seconds spent (pure)."""
+def best_curve(trials: Sequence) -> list[tuple[float, float | None, int]]:
+    """(device-seconds spent when a trial finished, best complete value so far, trial number),
+    trials taken in the order they finished (one device: one after another) (pure)."""
     finished = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
                                                           TrialState.FAIL)
                        and t.datetime_complete is not None), key=lambda t: t.datetime_complete)
-    best, curve = None, []
+    spent, best, curve = 0.0, None, []
     for t in finished:
+        spent += (t.datetime_complete - t.datetime_start).total_seconds()
         if t.state == TrialState.COMPLETE and (best is None or t.value > best):
             best = t.value
-        curve.append((round(spent_at(t.datetime_complete.timestamp()), 1), best, t.number))
+        curve.append((round(spent, 1), best, t.number))
     return curve
 
 
 def run_pruner(data: Path, folder: Path, pruner: str, args: argparse.Namespace) -> dict:
-    """One launcher run, stopped with SIGINT once its worker has used the budget."""
+    """One launcher run, stopped with SIGINT once its trials have used the budget."""
     ckpt = folder / pruner
     url = layout.default_storage_url(str(ckpt))
-    # OpenMP threads that wait sleep instead of spinning: spinning would count as device time
-    # whenever another process holds a core the other thread needs
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    study = None
     with open(folder / f"{pruner}.log", "wb") as log:
-        proc = subprocess.Popen(search_argv(data, ckpt, pruner, args), cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        clock, first_start = DeviceClock(proc.pid, len(os.sched_getaffinity(0))), None
+        proc = subprocess.Popen(search_argv(data, ckpt, pruner, args), cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(POLL_S)
-            clock.sample()
             # (once the first trial folder exists, the launcher has made the database and study)
-            if first_start is None and layout.trial_dir(str(ckpt), 0).exists():
-                first_start = _first_start(url)
-            if first_start and (clock.seconds_at(time.time()) - clock.seconds_at(first_start)
-                                >= args.budget_s):
+            if study is None and layout.trial_dir(str(ckpt), 0).exists():
+                study = optuna.load_study(study_name=DEFAULT_STUDY_NAME, storage=url)
+            if study and device_seconds(study.get_trials(deepcopy=False),
+                                        time.time()) >= args.budget_s:
                 proc.send_signal(signal.SIGINT)   # graceful: the running trial is interrupted
                 proc.wait()
-    if proc.returncode not in (0, 128 + signal.SIGINT) or first_start is None:
+    if proc.returncode not in (0, 128 + signal.SIGINT):
         tail = (folder / f"{pruner}.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"--pruner {pruner}: the launcher exited with {proc.returncode}:\n"
                            f"{tail}")
     trials = optuna.load_study(study_name=DEFAULT_STUDY_NAME, storage=url).get_trials()
-    start_s = clock.seconds_at(first_start)
-    curve = best_curve(trials, lambda wall: clock.seconds_at(wall) - start_s)
-    return {"pruner": pruner, "trials": trials, "curve": curve}
-
-
-def _first_start(url: str) -> float | None:
-    """Wall time at which trial 0 started, once the study records it."""
-    trials = optuna.load_study(study_name=DEFAULT_STUDY_NAME, storage=url).get_trials()
-    starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
-    return min(starts) if starts else None
+    return {"pruner": pruner, "trials": trials, "curve": best_curve(trials)}
 
 
 def summary_row(run: dict, budget_s: float) -> dict:

@@ -82,12 +82,12 @@ def pruner_section(f: dict) -> list[str]:
             f"of {s['writers']} similar writers (`--similarity 0.75`), model `small`, "
             f"{s['img_height']}x{s['img_width']}, {s['epochs']} epochs per trial, "
             f"{s['lines_per_writer']} lines per writer per epoch, seed {s['seed']}; each pruner "
-            f"gets {s['budget_s']:g} device-seconds from its first trial on, then the run is "
-            "stopped like a user stops it (the trial running then counts for nothing). "
-            "Device-seconds of the CPU worker: the CPU time it used / its threads, its wall time "
-            "on an idle machine, so other processes' load does not shrink one pruner's budget. "
-            "Best value among complete trials; the curve of best value against device-seconds is "
-            "`bench/pruner_curves.csv`.", "",
+            f"gets {s['budget_s']:g} device-seconds (the summed durations of its trials), then "
+            "the run is stopped like a user stops it (the trial running then counts for "
+            "nothing). Best value among complete trials; the curve of best value against "
+            "device-seconds is `bench/pruner_curves.csv`. Other processes taking cores (Run "
+            "times) slow the trials of whichever pruner runs then: compare the epochs trained.",
+            "",
             *table(f["rows"], [("pruner", "pruner"), ("complete", "complete"),
                                ("pruned", "pruned"), ("epochs_trained", "epochs trained"),
                                ("best_val_page_top1", "best val page top-1"),
