@@ -57,6 +57,7 @@ class SearchConfig:
     trial_timeout: float | None = None
     keep_last: bool = False
     pruner: str = "median"
+    gpus_per_trial: int = 1
 
     @property
     def storage_url(self) -> str:
@@ -178,6 +179,10 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     a("--pruner", default=d.pruner, choices=PRUNER_CHOICES, help="how unpromising trials are "
       "stopped early: Optuna's MedianPruner, SuccessiveHalvingPruner (asha), HyperbandPruner, or "
       f"none (default: {d.pruner})")
+    a("--gpus_per_trial", type=int, default=d.gpus_per_trial, help="devices one trial trains on "
+      "with DistributedDataParallel, one process per device: the launcher gives each worker K "
+      "GPUs (K CPU processes with --cpu_workers); the batch size stays per device "
+      f"(default: {d.gpus_per_trial})")
     a("--trial_timeout", type=float, default=None, help="seconds a trial may run; a trial past it "
       "fails with reason 'timeout', its processes are killed and the worker starts the next trial "
       "(default: no limit)")
@@ -229,6 +234,7 @@ def config_from_args(ns: argparse.Namespace,
     cache_dir = paths.check_output_dir("--cache_dir", ns.cache_dir) if ns.cache_dir else None
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
            f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
+    _check(ns.gpus_per_trial >= 1, f"--gpus_per_trial must be at least 1, got {ns.gpus_per_trial}")
     if ns.trial_timeout is not None:
         _check(ns.trial_timeout > 0, f"--trial_timeout must be more than 0 seconds, got "
                f"{ns.trial_timeout:g}")
@@ -246,7 +252,7 @@ def config_from_args(ns: argparse.Namespace,
         objective=absolute_objective(ns.objective), direction=ns.direction,
         cache_dir=str(cache_dir) if cache_dir else None,
         heartbeat_grace=ns.heartbeat_grace, trial_timeout=ns.trial_timeout,
-        keep_last=bool(ns.keep_last), pruner=ns.pruner)
+        keep_last=bool(ns.keep_last), pruner=ns.pruner, gpus_per_trial=ns.gpus_per_trial)
 
 
 def absolute_objective(spec: str | None) -> str | None:
@@ -271,7 +277,7 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
         argv += ["--num_writers_subset", str(cfg.num_writers_subset)]
     for flag in ("epochs", "patience", "batch_size", "img_height", "img_width", "seed",
                  "num_workers", "max_val_pages_per_writer", "lines_per_writer", "study_name",
-                 "direction", "heartbeat_grace", "pruner"):
+                 "direction", "heartbeat_grace", "pruner", "gpus_per_trial"):
         argv += [f"--{flag}", str(getattr(cfg, flag))]
     argv += ["--models", ",".join(cfg.models)]
     if cfg.no_pretrained:

@@ -82,9 +82,16 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
                 counts: study_lib.Counts, threads: int, host: str) -> str:
     """The banner's first part: devices, trials, folders (pure)."""
     to_run = max(0, cfg.n_trials - counts.finished)
-    gpus = list(dict.fromkeys(s.device for s in slots if s.device is not None))
-    devices_line = (f"GPUs: {', '.join(gpus)} ({workers_per_gpu} worker(s) per GPU)"
-                    if gpus else f"GPUs: none, {len(slots)} CPU worker(s)")
+    gpus = list(dict.fromkeys(g for s in slots for g in s.gpus))
+    per_trial = cfg.gpus_per_trial
+    if per_trial > 1:
+        devices_line = (f"GPUs: {', '.join(s.device for s in slots if s.device)} "
+                        f"({per_trial} GPUs per trial, {len(slots)} trial(s) at a time)" if gpus
+                        else f"GPUs: none, {len(slots)} CPU worker(s) ({per_trial} processes "
+                             "per trial)")
+    else:
+        devices_line = (f"GPUs: {', '.join(gpus)} ({workers_per_gpu} worker(s) per GPU)"
+                        if gpus else f"GPUs: none, {len(slots)} CPU worker(s)")
     return "\n".join([
         RULE, "PARALLEL HYPERPARAMETER SEARCH", RULE, devices_line,
         f"Total trials: {cfg.n_trials} ({counts.finished} already finished, {to_run} to run)",

@@ -8,12 +8,15 @@ with CUDA_VISIBLE_DEVICES=0,1,3 the workers get 0, 1 and 3.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import shutil
 import subprocess
 from typing import Callable, Mapping, Sequence
 
 from psearch.engine.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # Memory a worker needs, roughly: one training a model on line images, or one running a custom
@@ -27,16 +30,23 @@ MIN_WORKER_LIMIT = 8
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSlot:
-    """One worker process to run: its label (gpu3, gpu3w1, cpu0), rank and device id."""
+    """One worker process to run: its label (gpu3, gpu3w1, gpu0+1, cpu0), rank and device id."""
 
     label: str
     rank: int
-    device: str | None  # the CUDA_VISIBLE_DEVICES id, None for a CPU worker
+    device: str | None  # its CUDA_VISIBLE_DEVICES value ("3", "0,1"), None for a CPU worker
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """The GPU ids this worker's trials use (several with --gpus_per_trial)."""
+        return tuple(self.device.split(",")) if self.device is not None else ()
 
     def describe(self) -> str:
-        """Human words for the device: "GPU 3", "GPU 3 (gpu3w1)", "CPU (cpu0)"."""
+        """Human words for the device: "GPU 3", "GPU 3 (gpu3w1)", "GPUs 0,1", "CPU (cpu0)"."""
         if self.device is None:
             return f"CPU ({self.label})"
+        if len(self.gpus) > 1:
+            return f"GPUs {self.device}"
         plain = f"GPU {self.device}"
         return plain if self.label == gpu_label(self.device) else f"{plain} ({self.label})"
 
@@ -90,11 +100,29 @@ def gpu_label(device: str) -> str:
     return "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-")
 
 
+def group_label(group: Sequence[str]) -> str:
+    """The label of a worker on several GPUs: gpu0+1, or the GPUs' labels joined by + (pure)."""
+    if all(g.isdigit() for g in group):
+        return "gpu" + "+".join(group)
+    return "+".join(gpu_label(g) for g in group)
+
+
+def group_gpus(gpus: Sequence[str], per_trial: int) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The GPUs in slots of `per_trial`, in the order given, and those left over (pure)."""
+    used = len(gpus) // per_trial * per_trial
+    groups = [tuple(gpus[i:i + per_trial]) for i in range(0, used, per_trial)]
+    return groups, list(gpus[used:])
+
+
 def plan_workers(gpus: Sequence[str], workers_per_gpu: int = 1,
-                 cpu_workers: int | None = None) -> list[WorkerSlot]:
-    """One slot per GPU (× workers_per_gpu), or `cpu_workers` CPU slots (pure)."""
+                 cpu_workers: int | None = None, gpus_per_trial: int = 1) -> list[WorkerSlot]:
+    """One slot per GPU (× workers_per_gpu), or per `gpus_per_trial` GPUs (the ids verbatim,
+    comma-joined), or `cpu_workers` CPU slots (pure). GPUs that do not fill a slot get none."""
     if cpu_workers is not None:
         return [WorkerSlot(f"cpu{i}", i, None) for i in range(cpu_workers)]
+    if gpus_per_trial > 1:
+        groups, _ = group_gpus(gpus, gpus_per_trial)
+        return [WorkerSlot(group_label(g), i, ",".join(g)) for i, g in enumerate(groups)]
     slots = []
     for device in gpus:
         for k in range(workers_per_gpu):
@@ -256,11 +284,18 @@ def probe_gpus(timeout_s: float = 15.0) -> list[str]:
 
 def choose_workers(gpus_flag: str | None, cpu_workers: int | None, workers_per_gpu: int,
                    environ: Mapping[str, str], probe: Callable[[], list[str]],
-                   cpu_fallback: int | None = None) -> list[WorkerSlot]:
+                   cpu_fallback: int | None = None, gpus_per_trial: int = 1) -> list[WorkerSlot]:
     """Validate the device flags and plan the workers; `cpu_fallback` CPU workers when no GPU
-    is found (the demo), else UsageError with the hint to use --cpu_workers."""
+    is found (the demo), else UsageError with the hint to use --cpu_workers. GPUs that do not
+    fill a slot of `gpus_per_trial` are named in a warning and left idle."""
     if workers_per_gpu < 1:
         raise UsageError(f"--workers_per_gpu must be at least 1, got {workers_per_gpu}")
+    if gpus_per_trial < 1:
+        raise UsageError(f"--gpus_per_trial must be at least 1, got {gpus_per_trial}")
+    if gpus_per_trial > 1 and workers_per_gpu > 1:
+        raise UsageError(f"--gpus_per_trial {gpus_per_trial} conflicts with --workers_per_gpu "
+                         f"{workers_per_gpu}: a trial on several GPUs has them to itself; pass "
+                         "one of them")
     if cpu_workers is not None:
         if gpus_flag is not None:
             raise UsageError(f"--gpus {gpus_flag} conflicts with --cpu_workers {cpu_workers}; "
@@ -269,8 +304,16 @@ def choose_workers(gpus_flag: str | None, cpu_workers: int | None, workers_per_g
             raise UsageError(f"--cpu_workers must be at least 1, got {cpu_workers}")
         return plan_workers([], cpu_workers=cpu_workers)
     gpus = resolve_gpus(gpus_flag, environ, probe)
+    if gpus and gpus_per_trial > len(gpus):
+        raise UsageError(f"--gpus_per_trial {gpus_per_trial} needs {gpus_per_trial} GPUs, but only "
+                         f"{len(gpus)} are available ({','.join(gpus)}); ask for "
+                         f"--gpus_per_trial {len(gpus)} or fewer")
     if gpus:
-        return plan_workers(gpus, workers_per_gpu)
+        _, idle = group_gpus(gpus, gpus_per_trial)
+        if idle:
+            logger.warning("GPU %s left idle: %d GPUs do not fill slots of --gpus_per_trial %d",
+                           ",".join(idle), len(gpus), gpus_per_trial)
+        return plan_workers(gpus, workers_per_gpu, gpus_per_trial=gpus_per_trial)
     if cpu_fallback:
         return plan_workers([], cpu_workers=cpu_fallback)
     where = ("CUDA_VISIBLE_DEVICES is empty" if visible_from_env(environ) is not None

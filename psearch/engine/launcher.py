@@ -306,11 +306,12 @@ def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
     n_cores = len(os.sched_getaffinity(0))
     memory = devices.total_memory_bytes()
     limit = devices.max_workers(n_cores, memory, builtin_objective=ns.objective is None)
+    gpus = list(dict.fromkeys(g for s in slots for g in s.gpus))
     flag = (f"--cpu_workers {ns.cpu_workers}" if ns.cpu_workers is not None
-            else f"{len(set(s.device for s in slots))} GPU(s) x --workers_per_gpu "
-                 f"{ns.workers_per_gpu}")
-    devices.check_worker_count(len(slots), limit, n_cores, memory, flag)
-    gpus = list(dict.fromkeys(s.device for s in slots if s.device is not None))
+            else f"{len(gpus)} GPU(s) x --workers_per_gpu {ns.workers_per_gpu}")
+    if ns.gpus_per_trial > 1:  # each worker runs a trial as that many processes
+        flag += f" x --gpus_per_trial {ns.gpus_per_trial}"
+    devices.check_worker_count(len(slots) * ns.gpus_per_trial, limit, n_cores, memory, flag)
     if gpus and (ns.gpus is not None or "CUDA_VISIBLE_DEVICES" in environ):
         source = (f"--gpus {ns.gpus}" if ns.gpus is not None
                   else f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}")
@@ -331,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--stop_timeout must be 0 or more seconds, got {ns.stop_timeout:g}")
         slots = devices.choose_workers(ns.gpus, ns.cpu_workers, ns.workers_per_gpu, os.environ,
                                        devices.probe_gpus,
-                                       cpu_fallback=DEMO_CPU_WORKERS if ns.demo else None)
+                                       cpu_fallback=DEMO_CPU_WORKERS if ns.demo else None,
+                                       gpus_per_trial=ns.gpus_per_trial)
         check_devices(ns, slots, os.environ)
         if ns.demo:
             ensure_demo_data(ns)

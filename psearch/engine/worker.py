@@ -30,8 +30,8 @@ from typing import Mapping, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import (children, cli, config, faults, layout, ownership, study as study_lib,
-                            watchdog)
+from psearch.engine import (children, cli, config, faults, layout, ownership, ranks,
+                            study as study_lib, watchdog)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.engine.console import DeferredFileHandler
 from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_TOO_MANY_FAILURES,
@@ -158,6 +158,7 @@ def prepare(cfg: SearchConfig, who: WorkerIdentity,
 def make_objective(cfg: SearchConfig, stop: StopFlag, who: WorkerIdentity) -> Objective:
     """The objective this worker runs: a custom one, or the built-in writer-identification one
     (WorkerExit EXIT_NO_DEVICE when pinned to a GPU that CUDA cannot use)."""
+    os.environ[ranks.WORLD_SIZE_VAR] = str(cfg.gpus_per_trial)  # ranks.run_ranks' default
     if not cfg.builtin_objective:
         user_fn = load_objective(cfg.objective)
 

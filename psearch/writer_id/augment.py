@@ -31,9 +31,12 @@ _ANGLE, _SIGMA, _CONTRAST, _BRIGHT, _NOISE = 5, 6, 7, 8, 9
 _N_DRAWS = 10
 
 
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """A generator on `device` determined by (seed, epoch) only."""
-    state = np.random.SeedSequence([_TAG_AUGMENT, int(seed) % 2**64, int(epoch) % 2**64])
+def epoch_generator(seed: int, epoch: int, device: torch.device,
+                    stream: int = 0) -> torch.Generator:
+    """A generator on `device` determined by (seed, epoch) only, and the rank's `stream` when a
+    trial trains on several devices (stream 0 is the one-device stream)."""
+    keys = [_TAG_AUGMENT, int(seed) % 2**64, int(epoch) % 2**64] + ([int(stream)] if stream else [])
+    state = np.random.SeedSequence(keys)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(state.generate_state(1, np.uint64)[0]) >> 1)
     return gen

@@ -59,13 +59,14 @@ class LineDataset(torch.utils.data.Dataset):
         img = np.array(self.cache.pixels[self.rows[i]])  # a private copy of the read-only memmap
         return torch.from_numpy(img).unsqueeze(0), int(self.labels[i]), i
 
-    def batch_transform(self, epoch: int, device: torch.device
+    def batch_transform(self, epoch: int, device: torch.device, stream: int = 0
                         ) -> Callable[[torch.Tensor], torch.Tensor]:
         """uint8 batch on `device` → the model's float input in [0, 1] for `epoch`: augmented
-        (seeded by this dataset's seed and the epoch) for training data, only scaled otherwise."""
+        (seeded by this dataset's seed, the epoch and the rank's `stream`) for training data,
+        only scaled otherwise."""
         if not self.train:
             return to_unit
-        gen = epoch_generator(self.seed, epoch, device)
+        gen = epoch_generator(self.seed, epoch, device, stream)
         return lambda pixels: augment_batch(pixels, gen)
 
 
@@ -113,6 +114,27 @@ class WriterBalancedSampler(torch.utils.data.Sampler[int]):
             sel = cycles == cycle
             out[sel] = lines[perm[offsets[sel]]] + self.num_lines * cycle
         return out
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Rank `rank`'s share of a WriterBalancedSampler's epoch: every `world_size`-th draw, the
+    same count on every rank (DistributedDataParallel needs as many batches on each), so the
+    ranks together see each drawn line once (a remainder of fewer than `world_size` is left)."""
+
+    def __init__(self, base: WriterBalancedSampler, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.base, self.rank, self.world_size = base, int(rank), int(world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) // self.world_size
+
+    def __iter__(self):
+        draws = self.base.epoch_indices(self.base.epoch)
+        return iter(draws[self.rank:len(self) * self.world_size:self.world_size].tolist())
 
 
 @dataclass(frozen=True)

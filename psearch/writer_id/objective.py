@@ -3,11 +3,17 @@
 The trial suggests hyperparameters (search_space.py), builds the model (model.py), trains it
 (train.py) on the shared, preprocessed data (dataset.py), reports validation page top-1 each epoch
 for pruning, and returns the best epoch's page top-1. Everything the trial makes goes to its folder.
+
+With --gpus_per_trial K > 1 the worker suggests the hyperparameters, then runs the training as K
+ranks under DistributedDataParallel (`engine/ranks.py` starts and watches them,
+`ddp_objective.py` is one rank); rank 0 reports each epoch to Optuna and hands the value back.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +21,8 @@ from typing import Any
 import optuna
 import torch
 
-from psearch.engine import atomic, layout
-from psearch.engine.config import SearchConfig
+from psearch.engine import atomic, children, layout, ranks
+from psearch.engine.config import SearchConfig, config_to_argv
 from psearch.engine.devices import loader_processes
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopFlag, StopRequested
@@ -25,6 +31,8 @@ from psearch.writer_id.hardware import available_cores, pick_device
 from psearch.writer_id.names import RESUME_CHECKPOINT, TRIAL_RESULT_KEYS
 from psearch.writer_id.search_space import suggest_hparams
 from psearch.writer_id.train import TrainConfig, Trainer
+
+RANK_MODULE = "psearch.writer_id.ddp_objective"
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +109,67 @@ def train_config(hp: dict[str, Any], cfg: SearchConfig, num_workers: int) -> Tra
         seed=cfg.seed, lines_per_writer=cfg.lines_per_writer)
 
 
+def fit_trial(trial: optuna.Trial, trainer: Trainer, trial_dir: Path,
+              resume_path: Path | None) -> float:
+    """Train, reporting each epoch to `trial` (pruning), and leave the trial's final metrics
+    (metrics.json, user attributes, the curve plot) whatever happens; the best page top-1."""
+    status = "failed"
+    try:
+        result = trainer.fit(lambda e, row: on_epoch(trial, trainer, e, row), resume_path)
+        status = result["status"]
+    except optuna.TrialPruned:
+        status = "pruned"
+        raise
+    except StopRequested:
+        status = "interrupted"
+        raise
+    finally:
+        finish(trial, trainer, trial_dir, status)
+    return float(result["val_page_top1"])
+
+
+def on_epoch(trial: optuna.Trial, trainer: Trainer, epoch: int, row: dict[str, float]) -> None:
+    """Report to Optuna, keep metrics.json current, then the pruning check."""
+    trial.report(row["val_page_top1"], epoch)
+    atomic.write_json(Path(trainer.out_dir) / "metrics.json", trainer.result("running"))
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"pruned at epoch {epoch} (val page top-1 "
+                                 f"{row['val_page_top1']:.4f})")
+
+
+def finish(trial: optuna.Trial, trainer: Trainer, trial_dir: Path, status: str) -> None:
+    """Final metrics.json, the metrics as user attributes, the training-curve plot."""
+    result = trainer.result(status)
+    atomic.write_json(trial_dir / "metrics.json", result)
+    for key in TRIAL_RESULT_KEYS:
+        value = result[key]
+        trial.set_user_attr(key, None if value != value else value)
+    trainer.write_plot()
+
+
+def trial_record(trial_number: int, hp: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
+    """What config.json and the checkpoints share (evaluate.py reads "settings")."""
+    return {"trial_number": trial_number, "hyperparameters": hp, "settings": cfg.to_dict(),
+            "world_size": cfg.gpus_per_trial}
+
+
 class WriterObjective:
     """Callable objective(trial, trial_dir) -> validation page top-1 of the best epoch."""
 
     def __init__(self, cfg: SearchConfig, stop: StopFlag, cpu_threads: int | None = None):
         self.cfg, self.stop = cfg, stop
+        self.world_size = cfg.gpus_per_trial
+        self.threads = cpu_threads or available_cores()
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
+        # Pinned to GPUs CUDA cannot use: refuse now (the ranks would each find out later).
         self.device = pick_device()
         # The launcher already fit --num_workers to this worker's share of cores (and then sets
         # cpu_threads): use it as given. A stand-alone worker applies the same rule to its cores.
         self.num_workers = (cfg.num_workers if cpu_threads
                             else loader_processes(cfg.num_workers, available_cores()))
         self._data: dataset.DataBundle | None = None
+        self._writers: tuple[str, ...] | None = None
 
     @property
     def data(self) -> "dataset.DataBundle":
@@ -122,44 +178,54 @@ class WriterObjective:
             self._data = make_bundle(self.cfg, *load_index(self.cfg))
         return self._data
 
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """The writers trained on (a trial on several devices reads only the index here)."""
+        if self._data is not None:
+            return self._data.writers
+        if self._writers is None:
+            self._writers = load_index(self.cfg)[1]
+        return self._writers
+
     def __call__(self, trial: optuna.Trial, trial_dir: Path) -> float:
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
+        data = self.data if self.world_size == 1 else None
         hp = suggest_hparams(trial, cfg.models, pretrained=not cfg.no_pretrained,
                              epochs=cfg.epochs)
         resumed_from = trial.user_attrs.get("resumed_from")
-        # config.json and the checkpoints share these keys (evaluate.py reads "settings")
-        record = {"trial_number": trial.number, "hyperparameters": hp, "settings": cfg.to_dict()}
+        record = trial_record(trial.number, hp, cfg)
+        device = (str(self.device) if self.world_size == 1 else
+                  f"{self.world_size} x {'cuda' if self.device.type == 'cuda' else 'cpu'}")
         atomic.write_json(trial_dir / "config.json", {
-            **record, "writers": list(data.writers), "resumed_from": resumed_from,
-            "device": str(self.device)})
+            **record, "writers": list(self.writers), "resumed_from": resumed_from,
+            "device": device})
         logger.info("Trial %d hyperparameters: %s", trial.number, hp)
+        resume_path = self._resume_source(trial, trial_dir, resumed_from)
+        if data is None:
+            return self._run_ranks(trial, trial_dir, hp, resume_path)
+        torch.manual_seed(cfg.seed)   # the same initial weights for the same hyperparameters
         trainer = Trainer(model_lib.build_model(model_spec(hp, len(data.writers), cfg)), data,
                           train_config(hp, cfg, self.num_workers), self.device, trial_dir,
                           {**record, "title": f"Trial {trial.number} ({hp['model_type']})"},
                           stop_check=self.stop.check)
-        resume_path = self._resume_source(trial, trial_dir, resumed_from)
-        status = "failed"
-        try:
-            result = trainer.fit(lambda e, row: self._on_epoch(trial, trainer, e, row), resume_path)
-            status = result["status"]
-        except optuna.TrialPruned:
-            status = "pruned"
-            raise
-        except StopRequested:
-            status = "interrupted"
-            raise
-        finally:
-            self._finish(trial, trainer, trial_dir, status)
-        return float(result["val_page_top1"])
+        return fit_trial(trial, trainer, trial_dir, resume_path)
 
-    def _on_epoch(self, trial: optuna.Trial, trainer: Trainer, epoch: int,
-                  row: dict[str, float]) -> None:
-        """Report to Optuna, keep metrics.json current, then the pruning check."""
-        trial.report(row["val_page_top1"], epoch)
-        atomic.write_json(Path(trainer.out_dir) / "metrics.json", trainer.result("running"))
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} (val page top-1 "
-                                     f"{row['val_page_top1']:.4f})")
+    def _run_ranks(self, trial: optuna.Trial, trial_dir: Path, hp: dict[str, Any],
+                   resume_path: Path | None) -> float:
+        """Train as `world_size` ranks; rank 0 reports to the study and hands back the value."""
+        threads = max(1, self.threads // self.world_size)
+        spec = {"argv": config_to_argv(self.cfg), "trial_id": trial._trial_id,
+                "trial_number": trial.number, "hyperparameters": hp,
+                "resume_from": str(resume_path) if resume_path else None, "threads": threads,
+                "num_workers": loader_processes(self.cfg.num_workers, threads)}
+        spec_path = trial_dir / ranks.RANKS_DIR / "spec.json"
+        atomic.write_json(spec_path, spec)
+        result = ranks.run_ranks([sys.executable, "-m", RANK_MODULE, str(spec_path)], trial_dir,
+                                 self.world_size, children.child_environ(os.environ, self.cfg),
+                                 should_stop=lambda: self.stop.requested)
+        if result["status"] == "pruned":
+            raise optuna.TrialPruned(result["message"])
+        return float(result["value"])
 
     def _resume_source(self, trial: optuna.Trial, trial_dir: Path,
                        resumed_from: int | None) -> Path | None:
@@ -187,13 +253,3 @@ class WriterObjective:
 
     def _last(self, number: int) -> Path:
         return layout.trial_dir(self.cfg.checkpoint_dir, number) / RESUME_CHECKPOINT
-
-    @staticmethod
-    def _finish(trial: optuna.Trial, trainer: Trainer, trial_dir: Path, status: str) -> None:
-        """Final metrics.json, the metrics as user attributes, the training-curve plot."""
-        result = trainer.result(status)
-        atomic.write_json(trial_dir / "metrics.json", result)
-        for key in TRIAL_RESULT_KEYS:
-            value = result[key]
-            trial.set_user_attr(key, None if value != value else value)
-        trainer.write_plot()

@@ -7,6 +7,11 @@ with linear warm-up then cosine decay per step, mixed precision on GPU (bf16 whe
 fp16 with a gradient scaler), gradient clipping, early stopping on validation page top-1, and
 per-epoch checkpoints: `best_model.pth` (the best epoch's weights) and `last.pth` (the
 full state to resume: model, optimiser, scheduler, scaler, epoch, RNG).
+
+On several devices (a `distributed.Dist` of K ranks) the model trains under
+DistributedDataParallel, each rank on its share of the epoch's draws with the batch size per
+device; rank 0 alone validates, writes the checkpoints and calls `on_epoch`, and what it decides
+(go on, stop early, end the trial) every rank does at the same step.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from torch.utils.data import DataLoader
 from psearch.engine import atomic
 from psearch.writer_id import losses, metrics
 from psearch.writer_id.augment import to_unit
-from psearch.writer_id.dataset import WriterBalancedSampler
+from psearch.writer_id.dataset import ShardSampler, WriterBalancedSampler
+from psearch.writer_id.distributed import Dist, single
 from psearch.writer_id.model import WriterNet, checkpoint_payload, save_torch
 from psearch.writer_id.names import METRIC_KEYS
 
@@ -134,17 +140,29 @@ class FitState:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
+class RankEnded(Exception):
+    """Raised on ranks other than 0 when rank 0 ended the trial (pruned, stopped, failed): rank 0
+    reports why; the others just leave."""
+
+
 class Trainer:
     """Trains one model on one data bundle, writing its checkpoints, history and plot."""
 
     def __init__(self, model: WriterNet, data, tc: TrainConfig, device: torch.device,
                  out_dir: Path, checkpoint_meta: dict[str, Any],
-                 stop_check: Callable[[], None] = lambda: None):
+                 stop_check: Callable[[], None] = lambda: None, dist: Dist | None = None):
         self.model, self.data, self.tc, self.device = model.to(device), data, tc, device
         self.out_dir, self.meta, self.stop_check = Path(out_dir), checkpoint_meta, stop_check
+        self.dist = dist or single(device)
+        self.net: torch.nn.Module = self.model
+        if self.dist.distributed:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.amp_on, self.amp_dtype, use_scaler = amp_settings(device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.sampler = WriterBalancedSampler(data.train_labels, tc.lines_per_writer, tc.seed)
+        balanced = WriterBalancedSampler(data.train_labels, tc.lines_per_writer, tc.seed)
+        self.sampler = (ShardSampler(balanced, self.dist.rank, self.dist.world_size)
+                        if self.dist.distributed else balanced)
         self.train_loader = make_loader(data.train, tc.batch_size, tc.num_workers, device,
                                         sampler=self.sampler, drop_last=len(self.sampler) >
                                         tc.batch_size)
@@ -200,7 +218,7 @@ class Trainer:
         if tc.loss == "ce" and tc.mixup_alpha >= MIXUP_MIN_ALPHA:
             x, y_a, y_b, lam = losses.mixup(x, y, tc.mixup_alpha, self.rng)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
-            emb, logits = self.model(x)
+            emb, logits = self.net(x)
         cls = lam * losses.classification_loss(logits, y_a, tc.loss, tc.label_smoothing,
                                                tc.focal_gamma)
         if lam < 1.0:
@@ -222,34 +240,37 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the writer-balanced sample; sums stay on the device (one sync/epoch)."""
-        self.model.train()
+        self.net.train()
         self.sampler.set_epoch(epoch)
-        to_input = self.data.train.batch_transform(epoch, self.device)   # augments on the device
-        sums = torch.zeros(4, device=self.device)
+        # augments on the device; each rank draws its own augmentation stream
+        to_input = self.data.train.batch_transform(epoch, self.device, stream=self.dist.rank)
+        sums = torch.zeros(5, device=self.device)
         seen, last_log, n_batches = 0, time.time(), len(self.train_loader)
         for b, (x, y, _) in enumerate(self.train_loader):
             self.stop_check()
             x = to_input(x.to(self.device, non_blocking=True))
             y = y.to(self.device, non_blocking=True)
             loss, cls, trip, correct = self._step(x, y)
-            sums += torch.stack([loss * len(y), cls * len(y), trip * len(y), correct.float()])
+            sums += torch.stack([loss * len(y), cls * len(y), trip * len(y), correct.float(),
+                                 loss.new_tensor(float(len(y)))])
             seen += len(y)
             if time.time() - last_log > PROGRESS_EVERY_S:  # the .item() here is a sync point
                 last_log = time.time()
                 logger.info("  epoch %d: batch %d/%d, loss %.4f", epoch, b + 1, n_batches,
                             sums[0].item() / seen)
-        loss_sum, cls_sum, trip_sum, correct_sum = sums.tolist()
+        loss_sum, cls_sum, trip_sum, correct_sum, seen_all = self.dist.sum_(sums).tolist()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch} "
                                      f"(lr {self.tc.lr:.2e}); this trial cannot continue")
-        n = max(1, seen)
+        n = max(1.0, seen_all)
         return {"train_loss": loss_sum / n, "train_cls_loss": cls_sum / n,
                 "train_triplet_loss": trip_sum / n, "train_acc": correct_sum / n}
 
     # -------------------------------------------------------------- the epoch loop
     def fit(self, on_epoch: Callable[[int, dict[str, float]], None],
             resume_from: Path | None = None) -> dict[str, Any]:
-        """Train until `epochs`, early stopping or an exception from `on_epoch`/`stop_check`."""
+        """Train until `epochs`, early stopping or an exception from `on_epoch`/`stop_check`.
+        On several ranks `on_epoch` runs on rank 0 only, and the others follow its decision."""
         if resume_from is not None:
             self.load_last(resume_from)
         status = "complete"
@@ -258,17 +279,35 @@ class Trainer:
             started = time.time()
             row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                                    **self.train_epoch(epoch)}
-            self.stop_check()
-            row.update(evaluate(self.model, self.val_loader, self.data.val_page_ids, self.device))
-            row["epoch_time_s"] = time.time() - started
-            self._record_epoch(row)
-            on_epoch(epoch, row)
-            if self.state.bad_epochs >= self.tc.patience:
+            decision, error = "go", None
+            if self.dist.is_main:
+                try:
+                    self._end_epoch(row, started, on_epoch)
+                    if self.state.bad_epochs >= self.tc.patience:
+                        decision = "early_stop"
+                except BaseException as exc:  # noqa: BLE001 - the other ranks must hear of it
+                    decision, error = "end", exc
+            decision = self.dist.agree(decision)
+            if error is not None:
+                raise error
+            if decision == "end":
+                raise RankEnded(f"rank 0 ended the trial after epoch {epoch}")
+            self.state.epoch = epoch
+            if decision == "early_stop":
                 logger.info("Early stopping: no better validation page top-1 for %d epochs",
                             self.state.bad_epochs)
                 status = "early_stopped"
                 break
         return self.result(status)
+
+    def _end_epoch(self, row: dict[str, Any], started: float,
+                   on_epoch: Callable[[int, dict[str, float]], None]) -> None:
+        """Rank 0: validate, record (checkpoints, history), then the caller's `on_epoch`."""
+        self.stop_check()
+        row.update(evaluate(self.model, self.val_loader, self.data.val_page_ids, self.device))
+        row["epoch_time_s"] = time.time() - started
+        self._record_epoch(row)
+        on_epoch(row["epoch"], row)
 
     def _record_epoch(self, row: dict[str, Any]) -> None:
         """Update the best epoch, write best_model.pth / last.pth / history.csv, log a line."""
