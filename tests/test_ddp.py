@@ -18,9 +18,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from psearch.engine import devices, ranks
+from psearch.engine import console, devices, progress, ranks
+from psearch.engine.config import SearchConfig
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopRequested
+from psearch.engine.study import Counts
 from psearch.writer_id.augment import epoch_generator
 from psearch.writer_id.dataset import ShardSampler, WriterBalancedSampler
 from psearch.writer_id.synthetic import make_synthetic
@@ -62,6 +64,20 @@ def test_impossible_slots_are_refused_naming_the_fix(kwargs, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         devices.choose_workers(None, None, kwargs.pop("workers_per_gpu"),
                                {"CUDA_VISIBLE_DEVICES": "0,1,2"}, lambda: [], **kwargs)
+
+
+def test_banner_and_status_line_say_how_many_devices_a_trial_holds():
+    gpu_slots = devices.plan_workers(["0", "1", "2", "3"], gpus_per_trial=2)
+    cpu_slots = devices.plan_workers([], cpu_workers=1)
+    assert devices.per_trial_words(gpu_slots, 2) == "2 GPUs per trial"
+    assert devices.per_trial_words(cpu_slots, 2) == "2 processes per trial"
+    assert devices.per_trial_words(gpu_slots, 1) == ""
+    counts = Counts(complete=1, running=2, best_value=0.5, best_number=0)
+    line = progress.status_line(counts, 8, 60.0, None, "2 GPUs per trial")
+    assert line.startswith("1/8 finished | 2 running (2 GPUs per trial) | 0 pruned")
+    cfg = SearchConfig(data_root=None, checkpoint_dir="c", n_trials=8, gpus_per_trial=2)
+    banner = console.banner_head(cfg, gpu_slots, 1, counts, 4, "node1")
+    assert "GPUs: 0,1; 2,3 (2 GPUs per trial, 2 trial(s) at a time)" in banner
 
 
 # ------------------------------------------------------------------ ranks (pure parts)

@@ -83,12 +83,11 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
     """The banner's first part: devices, trials, folders (pure)."""
     to_run = max(0, cfg.n_trials - counts.finished)
     gpus = list(dict.fromkeys(g for s in slots for g in s.gpus))
-    per_trial = cfg.gpus_per_trial
-    if per_trial > 1:
-        devices_line = (f"GPUs: {', '.join(s.device for s in slots if s.device)} "
-                        f"({per_trial} GPUs per trial, {len(slots)} trial(s) at a time)" if gpus
-                        else f"GPUs: none, {len(slots)} CPU worker(s) ({per_trial} processes "
-                             "per trial)")
+    per_trial = devices.per_trial_words(slots, cfg.gpus_per_trial)
+    if per_trial:
+        devices_line = (f"GPUs: {'; '.join(s.device for s in slots if s.device)} "
+                        f"({per_trial}, {len(slots)} trial(s) at a time)" if gpus
+                        else f"GPUs: none, {len(slots)} CPU worker(s) ({per_trial})")
     else:
         devices_line = (f"GPUs: {', '.join(gpus)} ({workers_per_gpu} worker(s) per GPU)"
                         if gpus else f"GPUs: none, {len(slots)} CPU worker(s)")

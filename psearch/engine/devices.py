@@ -131,6 +131,13 @@ def plan_workers(gpus: Sequence[str], workers_per_gpu: int = 1,
     return slots
 
 
+def per_trial_words(slots: Sequence[WorkerSlot], per_trial: int) -> str:
+    """'2 GPUs per trial' ('2 processes per trial' on the CPU); '' for one device (pure)."""
+    if per_trial <= 1:
+        return ""
+    return f"{per_trial} {'GPUs' if any(s.device for s in slots) else 'processes'} per trial"
+
+
 def threads_per_worker(n_cores: int, n_workers: int) -> int:
     """CPU cores each worker may use (at least one)."""
     return max(1, n_cores // max(1, n_workers))

@@ -31,15 +31,18 @@ def eta_s(finished: int, finished_at_start: int, n_trials: int, elapsed_s: float
     return remaining * elapsed_s / done_here
 
 
-def status_line(counts: Any, n_trials: int, elapsed_s: float, eta: float | None) -> str:
-    """'7/24 finished | 4 running | 1 pruned | 0 failed | best 0.8123 (trial 5) | …' (pure).
+def status_line(counts: Any, n_trials: int, elapsed_s: float, eta: float | None,
+                per_trial: str = "") -> str:
+    """'7/24 finished | 4 running | 1 pruned | 0 failed | best 0.8123 (trial 5) | …' (pure);
+    'running (2 GPUs per trial)' when each trial holds several devices (`per_trial`).
 
     `counts` is a study.Counts (finished, running, pruned, failed, best_value, best_number).
     """
     best = "best --"
     if counts.best_value is not None:
         best = f"best {counts.best_value:.4g} (trial {counts.best_number})"
-    return (f"{counts.finished}/{n_trials} finished | {counts.running} running | "
+    running = f"{counts.running} running" + (f" ({per_trial})" if per_trial else "")
+    return (f"{counts.finished}/{n_trials} finished | {running} | "
             f"{counts.pruned} pruned | {counts.failed} failed | {best} | "
             f"{format_duration(elapsed_s)} elapsed | ETA {format_duration(eta)}")
 

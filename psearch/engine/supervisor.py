@@ -296,7 +296,8 @@ def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
     counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
     elapsed = time.monotonic() - run.started
     eta = progress.eta_s(counts.finished, run.finished_at_start, run.cfg.n_trials, elapsed)
-    line = progress.status_line(counts, run.cfg.n_trials, elapsed, eta)
+    line = progress.status_line(counts, run.cfg.n_trials, elapsed, eta,
+                                devices.per_trial_words(run.slots, run.cfg.gpus_per_trial))
     if run.waiting_for is not None:
         line += f" | waiting for {run.waiting_for} trial(s) of other launchers"
     run.status.update(line, force_log)
