@@ -297,7 +297,7 @@ def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
     elapsed = time.monotonic() - run.started
     eta = progress.eta_s(counts.finished, run.finished_at_start, run.cfg.n_trials, elapsed)
     line = progress.status_line(counts, run.cfg.n_trials, elapsed, eta,
-                                devices.per_trial_words(run.slots, run.cfg.gpus_per_trial))
+                                devices.per_trial_words(run.job.slots, run.cfg.gpus_per_trial))
     if run.waiting_for is not None:
         line += f" | waiting for {run.waiting_for} trial(s) of other launchers"
     run.status.update(line, force_log)
