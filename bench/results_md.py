@@ -126,9 +126,32 @@ def launcher_section(f: dict) -> list[str]:
     return out
 
 
+def ddp_section(f: dict) -> list[str]:
+    device = "CPU processes (gloo)" if f["device"] == "cpu" else "GPUs (NCCL)"
+    out = ["## 6. One trial on two devices (`bench/ddp_scaling.py`)", "",
+           f"The built-in objective through the launcher, `--gpus_per_trial 1` against `2`, on "
+           f"{device}; model {f['model']} at {f['size']}, batch {f['batch']} per device, "
+           f"{f['lines_per_epoch']} training lines per epoch, {f['epochs']} epochs, "
+           f"{f['trials']} trials per run, {f['repeats']} interleaved runs each; medians over "
+           "every trial. `other s` is a trial's wall time outside its epochs: for K = 2 mostly "
+           "starting the ranks (each imports torch and opens the data).", ""]
+    out += table(f["rows"], [("k", "devices per trial"), ("trials", "trials"),
+                             ("wall_s", "trial wall s"), ("epochs_s", "in epochs s"),
+                             ("other_s", "other s"), ("lines_per_s", "training lines/s"),
+                             ("epoch_speedup", "epoch speed vs 1 device")])
+    if f["device"] == "cpu":
+        out += ["On the CPU both set-ups share the same cores (K = 1: one process with all of "
+                "them as threads; K = 2: two single-threaded ranks), so an epoch-speed ratio here "
+                "says how well this small model uses threads against processes, not what a second "
+                "device buys. What carries over to GPUs is the cost per trial of starting the "
+                "ranks (`other s`); the epoch speed-up on GPUs comes from `bench/ddp_scaling.py "
+                "--device gpu` on a machine with two GPUs or more.", ""]
+    return out
+
+
 SECTIONS = (("cache", cache_section), ("augment", augment_section),
             ("throughput", throughput_section), ("pruners", pruner_section),
-            ("launcher", launcher_section))
+            ("launcher", launcher_section), ("ddp", ddp_section))
 
 
 def render(info: dict, figures: dict, errors: dict, timings: Sequence[dict],

@@ -37,6 +37,9 @@ BENCHMARKS = (
      ["--budget_s", "8", "--pruners", "asha,none", "--writers", "4", "--img_height", "32",
       "--img_width", "320", "--epochs", "3"]),
     ("launcher", "launcher_vs_optuna.py", ["--repeats", "2"], ["--repeats", "1", "--quick"]),
+    ("ddp", "ddp_scaling.py", ["--repeats", "2"],
+     ["--repeats", "1", "--trials", "1", "--epochs", "1", "--height", "32", "--width", "256",
+      "--writers", "4", "--lines_per_writer", "16"]),
 )
 
 

@@ -15,6 +15,7 @@ from psearch.engine import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+import ddp_scaling  # noqa: E402
 import gpu_check_report  # noqa: E402
 import launcher_vs_optuna  # noqa: E402
 import pruners  # noqa: E402
@@ -78,10 +79,28 @@ FIGURES = {
                           "best_val_page_top1": None, "best_reached_at_s": None,
                           "trial0_val_page_top1": None}]},
 }
+FIGURES["ddp"] = {"device": "cpu", "repeats": 2, "trials": 2, "epochs": 3, "model": "small",
+                  "size": "64x640", "lines_per_epoch": 512, "batch": 16,
+                  "rows": [{"k": 1, "trials": 4, "wall_s": 30.0, "epochs_s": 29.0, "other_s": 1.0,
+                            "lines_per_s": 50.0, "epoch_speedup": 1.0},
+                           {"k": 2, "trials": 4, "wall_s": 26.0, "epochs_s": 20.0, "other_s": 6.0,
+                            "lines_per_s": 75.0, "epoch_speedup": 1.5}]}
 LAUNCHER = {"workers": 8, "repeats": 3, "cores": 2, "ray_tune": "not installed",
             "scenarios": {"160 x 0.5 s": [
                 {"method": "launcher", "runs": 3, "finished": "160", "wall_s": 17.2,
                  "first_trial_s": 4.6, "parallelism": 0.62, "speedup_vs_sequential": 4.97}]}}
+
+
+def test_ddp_scaling_medians_and_epoch_speed_relative_to_one_device():
+    row = lambda wall, epochs, lps: {"wall_s": wall, "epochs_s": epochs,  # noqa: E731
+                                     "other_s": wall - epochs, "lines_per_s": lps}
+    out = ddp_scaling.summarize({2: [row(30, 20, 90), row(32, 22, 80), row(40, 30, 60)],
+                                 1: [row(31, 30, 40), row(33, 32, 50)]})
+    assert [r["k"] for r in out] == [1, 2]
+    assert out[0] == {"k": 1, "trials": 2, "wall_s": 32.0, "epochs_s": 31.0, "other_s": 1.0,
+                      "lines_per_s": 45.0, "epoch_speedup": 1.0}
+    assert out[1]["trials"] == 3 and out[1]["lines_per_s"] == 80 and \
+        out[1]["epoch_speedup"] == round(80 / 45, 2) and out[1]["other_s"] == 10
 
 
 def test_results_file_names_a_missed_target_and_a_failed_benchmark():
@@ -100,6 +119,7 @@ def test_results_file_names_a_missed_target_and_a_failed_benchmark():
     ok = results_md.render(info, {**FIGURES, "launcher": LAUNCHER}, {}, timings[:1])
     assert "`parallel_search.py --cpu_workers 8`" in ok and "### 160 x 0.5 s on 8 workers" in ok
     assert "| launcher | 3 | 160 | 17.2 | 4.6 | 0.62 | 4.97 |" in ok and "failed" not in ok
+    assert "| 2 | 4 | 26.0 | 20.0 | 6.0 | 75.0 | 1.5 |" in ok and "CPU processes (gloo)" in ok
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")

@@ -149,3 +149,37 @@ def test_sigterm_mid_training_then_resume_from_last_checkpoint(data, tmp_path):
         assert sorted(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1))
         assert t.user_attrs["epochs_run"] > len(first[t.user_attrs["resumed_from"]]
                                                  .intermediate_values)
+
+
+def _ddp_command(data, ckpt, gpus):
+    return [sys.executable, str(ROOT / "parallel_search.py"), "--data_root", str(data),
+            "--checkpoint_dir", str(ckpt), "--n_trials", "2", "--gpus", gpus,
+            "--gpus_per_trial", "2", "--models", "small", "--epochs", "3", "--img_height", "64",
+            "--img_width", "640", "--use_all_writers", "--lines_per_writer", "64",
+            "--no_summary"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL ranks)")
+def test_one_trial_on_two_gpus_with_nccl(data, tmp_path):
+    import json
+
+    r = subprocess.run(_ddp_command(data, tmp_path / "ckpt", "0,1"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = optuna.load_study(study_name="writer_id_search",
+                               storage=f"sqlite:///{tmp_path}/ckpt/optuna_study.db").get_trials()
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
+    config = json.loads((tmp_path / "ckpt" / "trial_000" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["device"] == "2 x cuda"
+    log = "".join(p.read_text() for p in (tmp_path / "ckpt" / "logs").glob("worker_gpu0+1_*.log"))
+    assert "Rank 1 of 2 on cuda:1 (nccl)" in log
+
+
+def test_two_gpus_per_trial_on_one_gpu_is_refused(data, tmp_path):
+    if torch.cuda.device_count() != 1:
+        pytest.skip("for a machine with exactly one GPU")
+    r = subprocess.run(_ddp_command(data, tmp_path / "ckpt", "0"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--gpus_per_trial 2 needs 2 GPUs, but only 1 are available (0)" in r.stderr
+    assert not (tmp_path / "ckpt").exists()
