@@ -316,3 +316,36 @@ def test_a_failing_rank_fails_its_trial_and_the_worker_goes_on(tmp_path, launche
     assert len(done) == 2
     for t in done:   # x * 1 + x * 2: both ranks took part
         assert t.value == pytest.approx(3 * t.params["x"]) and t.user_attrs["world_size"] == 2
+
+
+# ------------------------------------------------------------------ Trainer on two ranks
+TRAINER_RANK = ROOT / "tests" / "objectives" / "ddp_trainer.py"
+
+
+def run_trainer_ranks(lines, tmp_path, mode):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return ranks.run_ranks([sys.executable, str(TRAINER_RANK), str(lines),
+                            str(tmp_path / "cache"), str(tmp_path), mode], tmp_path, 2, env)
+
+
+def rank_records(tmp_path):
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_rank_zeros_decision_to_end_the_trial_stops_every_rank_at_that_epoch(lines, tmp_path):
+    with pytest.raises(ranks.RankFailed,
+                       match="rank 0 of 2 failed: RuntimeError: rank 0 ends the trial at epoch 2"):
+        run_trainer_ranks(lines, tmp_path, "end_at_2")
+    zero, one = rank_records(tmp_path)
+    assert zero["on_epoch"] == [1, 2] and one["on_epoch"] == []   # only rank 0 judges epochs
+    assert one["left"] == "RankEnded" and one["epochs"] == 1       # left at epoch 2, not later
+    assert zero["batches"] == one["batches"]                        # equal shares of the epoch
+    assert zero["checksum"] == pytest.approx(one["checksum"], rel=1e-6)  # the same weights
+
+
+def test_early_stopping_on_rank_zero_ends_every_rank_together(lines, tmp_path):
+    assert run_trainer_ranks(lines, tmp_path, "patience_1") in ("early_stopped", "complete")
+    zero, one = rank_records(tmp_path)
+    assert zero["epochs"] == one["epochs"] and zero["left"] == one["left"]
+    assert zero["checksum"] == pytest.approx(one["checksum"], rel=1e-6)
+    assert (tmp_path / "trial" / "last.pth").exists() and len(zero["on_epoch"]) == zero["epochs"]
