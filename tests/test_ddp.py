@@ -25,6 +25,7 @@ from psearch.engine.stopping import StopRequested
 from psearch.engine.study import Counts
 from psearch.writer_id.augment import epoch_generator
 from psearch.writer_id.dataset import ShardSampler, WriterBalancedSampler
+from psearch.writer_id.model import load_best_model
 from psearch.writer_id.synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,6 +294,8 @@ def test_builtin_trials_train_on_two_cpu_ranks_and_resume_after_ctrl_c(lines, tm
                      "plots/training_curves.png"):
             assert (folder / name).is_file(), (t.number, name)
         assert not (folder / ranks.RANKS_DIR).exists()
+        net, writers, _ = load_best_model(folder / "best_model.pth")   # no DDP wrapper in it
+        assert writers == config["writers"] and net(torch.ones(1, 1, 32, 256))[1].shape == (1, 4)
         assert t.value == pytest.approx(json.loads((folder / "metrics.json").read_text())
                                         ["val_page_top1"])
     log = "".join(p.read_text() for p in (ckpt / "logs").glob("worker_cpu0_*.log"))
