@@ -1,8 +1,9 @@
 """Tests of summarize.py on real studies: SQLite (and a journal file for 1,000 trials), made with
-the worker on a tiny custom objective or with Optuna directly."""
+the worker on a tiny custom objective or with Optuna directly: the tables, the figures, the
+command line. best_overall/ and its test evaluation are tested in test_best_overall.py, the
+report's text in test_report.py; all three make their studies with tests/summary_studies.py."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -10,70 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
 
-from psearch.engine import atomic, study as study_lib
-from psearch.reports import plots as summary_plots, summary as summarize
+from psearch.reports import plots as summary_plots, summary as summarize, tables
 
-REPO = Path(__file__).resolve().parents[1]
-OBJECTIVES = REPO / "tests" / "objectives" / "summary_objectives.py"
-PNGS = ("all_trials_comparison.png", "hyperparameter_relationships.png", "param_importances.png",
-        "optimization_history.png")
-T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-DISTS = {"lr": FloatDistribution(1e-5, 1e-1, log=True), "width": IntDistribution(1, 8),
-         "act": CategoricalDistribution(["relu", "gelu", "tanh"])}
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def trial(number: int, state: TrialState = TrialState.COMPLETE, value: float | None = None,
-          minutes: float = 10.0, curve: int = 4, **user_attrs) -> FrozenTrial:
-    """A finished (or running) trial with parameters derived from its number."""
-    params = {"lr": 10 ** -(1 + number % 4), "width": 1 + number % 8,
-              "act": ["relu", "gelu", "tanh"][number % 3]}
-    start = T0 + dt.timedelta(minutes=number)
-    end = None if state in (TrialState.RUNNING, TrialState.WAITING) else \
-        start + dt.timedelta(minutes=minutes)
-    base = value if value is not None else 0.5
-    return FrozenTrial(number=number, state=state, value=value, values=None, datetime_start=start,
-                       datetime_complete=end, params=params, distributions=DISTS,
-                       user_attrs=user_attrs, system_attrs={}, trial_id=number,
-                       intermediate_values={e: base * (e + 1) / curve for e in range(curve)})
-
-
-def make_study(ckpt: Path, trials=(), direction: str = "maximize", name: str = "writer_id_search",
-               settings: dict | None = None) -> optuna.Study:
-    """A study in CKPT/optuna_study.db holding `trials`."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=f"sqlite:///{ckpt / 'optuna_study.db'}",
-                                study_name=name, direction=direction)
-    if settings is not None:
-        study.set_user_attr("search_settings", settings)
-    study.add_trials(list(trials))
-    return study
-
-
-def run(ckpt: Path, *extra: str) -> int:
-    return summarize.main(["--checkpoint_dir", str(ckpt), *extra])
-
-
-def read_csv(ckpt: Path, name: str) -> pd.DataFrame:
-    return pd.read_csv(ckpt / "summary" / name)
-
-
-def assert_summary_files(ckpt: Path) -> None:
-    for name in (*PNGS, "all_trials.csv", "top5_trials.csv", "report.md"):
-        path = ckpt / "summary" / name
-        assert path.is_file() and path.stat().st_size > 0, name
-    assert not list(ckpt.glob(".best_overall.*")), "a staging folder was left behind"
-
+from summary_studies import (OBJECTIVES, REPO, assert_summary_files, make_study, read_csv, run,
+                             trial, with_params)
 
 # ---------------------------------------------------------------- end to end
 
@@ -108,19 +56,6 @@ def test_ten_trial_custom_objective_run_then_regenerate(tmp_path, capsys):
     assert_summary_files(ckpt)
     assert json.loads((ckpt / "best_overall" / "config.json").read_text()) == config
     assert "## Top 5 trials" in done.stdout
-
-
-def test_custom_objective_without_files_still_gets_best_overall(tmp_path):
-    ckpt = tmp_path / "c"
-    make_study(ckpt, [trial(0, value=0.3), trial(1, value=0.9), trial(2, value=0.6)])
-    assert run(ckpt) == 0
-    best = ckpt / "best_overall"
-    assert sorted(os.listdir(best)) == ["config.json", "metrics.json"]
-    config = json.loads((best / "config.json").read_text())
-    assert config["trial_number"] == 1 and config["value"] == 0.9
-    assert config["params"] == trial(1).params and config["direction"] == "maximize"
-    assert json.loads((best / "metrics.json").read_text())["value"] == 0.9
-    assert "no best_model.pth" in (ckpt / "summary" / "report.md").read_text()
 
 
 def test_minimize_puts_the_lowest_value_first(tmp_path):
@@ -197,54 +132,7 @@ def test_running_trial_appears_in_the_values_plot():
     assert labels == ["complete (1)", "running (1, last reported value)"]
 
 
-# ---------------------------------------------------------------- best_overall swap
-
-def _stage(ckpt: Path, i: int) -> Path:
-    staging = ckpt / f".best_overall.new-{i}"
-    staging.mkdir()
-    (staging / "best_model.pth").write_bytes(bytes([i % 256]) * 200_000)
-    (staging / "config.json").write_text(json.dumps({"trial_number": i, "pad": "x" * 5000}))
-    (staging / "metrics.json").write_text(json.dumps({"value": i}))
-    return staging
-
-
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
-def test_swap_keeps_a_complete_folder(tmp_path, monkeypatch, exchange):
-    ckpt = tmp_path / "c"
-    ckpt.mkdir()
-    target = ckpt / "best_overall"
-    assert atomic.swap_in_folder(_stage(ckpt, 0), target) is None
-    if not exchange:
-        monkeypatch.setattr(atomic, "exchange_paths", lambda a, b: False)
-    seen, problems, stop = [], [], threading.Event()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                names = sorted(os.listdir(target))
-                assert names == ["best_model.pth", "config.json", "metrics.json"], names
-                seen.append(json.loads((target / "config.json").read_text())["trial_number"])
-            except (OSError, ValueError, AssertionError) as exc:
-                problems.append(repr(exc))
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    kept = tmp_path / "retired"  # as in summarize, old folders outlive their swap a while
-    kept.mkdir()
-    try:
-        for i in range(1, 60):
-            retired = atomic.swap_in_folder(_stage(ckpt, i), target)
-            assert json.loads((retired / "config.json").read_text())["trial_number"] == i - 1
-            retired.rename(kept / str(i))
-    finally:
-        stop.set()
-        thread.join()
-    assert json.loads((target / "config.json").read_text())["trial_number"] == 59
-    assert sorted(os.listdir(ckpt)) == ["best_overall"]
-    assert len(set(seen)) > 1
-    if exchange:  # the fallback has a short window without the folder: that is why it is one
-        assert problems == []
-
+# ---------------------------------------------------------------- one summary at a time
 
 def test_second_summary_waits_for_the_first(tmp_path):
     ckpt = tmp_path / "c"
@@ -257,65 +145,6 @@ def test_second_summary_waits_for_the_first(tmp_path):
         assert not (ckpt / "summary" / "report.md").exists()
     worker.join(timeout=60)
     assert result["rc"] == 0 and (ckpt / "summary" / "report.md").exists()
-
-
-# ---------------------------------------------------------------- test split
-
-BUILTIN = {"objective": study_lib.BUILTIN_OBJECTIVE, "direction": "maximize"}
-
-
-def _builtin_study(tmp_path: Path) -> tuple[Path, optuna.Study]:
-    data = tmp_path / "data"
-    (data / "test").mkdir(parents=True)
-    ckpt = tmp_path / "c"
-    study = make_study(ckpt, [trial(0, value=0.4), trial(1, value=0.8)],
-                       settings={**BUILTIN, "data_root": str(data)})
-    for number in (1, 2):
-        (ckpt / f"trial_{number:03d}").mkdir()
-        (ckpt / f"trial_{number:03d}" / "best_model.pth").write_bytes(b"weights %d" % number)
-    return ckpt, study
-
-
-def test_each_best_model_is_evaluated_once_on_the_test_split(tmp_path, monkeypatch):
-    ckpt, study = _builtin_study(tmp_path)
-    calls = []
-
-    class FakeEvaluate:
-        @staticmethod
-        def evaluate_checkpoint(path, split, data_root):
-            calls.append((Path(path).read_bytes(), split, data_root))
-            return {"page_top1": 0.71, "page_top5": 0.9, "page_map": 0.65}
-
-    monkeypatch.setitem(sys.modules, "psearch.writer_id.evaluate", FakeEvaluate)
-    assert run(ckpt) == 0
-    assert run(ckpt) == 0  # the same best: not evaluated again
-    assert calls == [(b"weights 1", "test", str(tmp_path / "data"))]
-    tested = json.loads((ckpt / "best_overall" / "test_metrics.json").read_text())
-    assert tested["page_top1"] == 0.71 and tested["split"] == "test"
-    assert "page top-1 0.7100" in (ckpt / "summary" / "report.md").read_text()
-
-    study.add_trial(trial(2, value=0.9))  # a new best replaces best_overall/ and is evaluated
-    assert run(ckpt) == 0
-    assert [c[0] for c in calls] == [b"weights 1", b"weights 2"]
-    config = json.loads((ckpt / "best_overall" / "config.json").read_text())
-    assert config["trial_number"] == 2
-    assert (ckpt / "best_overall" / "best_model.pth").read_bytes() == b"weights 2"
-    assert (ckpt / "best_overall" / "test_metrics.json").is_file()
-    assert not list(ckpt.glob(".best_overall.*"))
-
-
-def test_missing_evaluate_module_is_a_warning(tmp_path, monkeypatch, caplog):
-    ckpt, _ = _builtin_study(tmp_path)
-    monkeypatch.setitem(sys.modules, "psearch.writer_id.evaluate", None)  # the import fails
-    assert run(ckpt) == 0
-    assert not (ckpt / "best_overall" / "test_metrics.json").exists()
-    assert "evaluate module is not available" in caplog.text
-    assert "not evaluated on the test split" in (ckpt / "summary" / "report.md").read_text()
-
-
-def test_no_test_split_means_no_evaluation(tmp_path):
-    assert summarize.held_out_split({**BUILTIN, "data_root": str(tmp_path)}) is None
-    assert summarize.held_out_split({"objective": "x.py:f", "data_root": str(tmp_path)}) is None
 
 
 # ---------------------------------------------------------------- scale
@@ -358,7 +187,7 @@ def test_study_name_defaults():
 def test_time_stats():
     trials = [trial(0, value=1.0, minutes=30), trial(1, TrialState.PRUNED, minutes=90),
               trial(2, TrialState.RUNNING)]
-    wall, device_hours = summarize.time_stats(trials)
+    wall, device_hours = tables.time_stats(trials)
     assert wall == 91 * 60 and device_hours == pytest.approx(2.0)
 
 
@@ -375,7 +204,7 @@ def test_import_does_not_load_torch_or_pyplot():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
-# ---------------------------------------------------------------- readable figures and report
+# ---------------------------------------------------------------- readable figures
 
 def _pyplot():
     import matplotlib
@@ -392,15 +221,6 @@ def _captured_figures(monkeypatch) -> list:
     monkeypatch.setattr(summary_plots, "_save",
                         lambda fig, path, tight_bbox=False: figures.append(fig))
     return figures
-
-
-def with_params(t: FrozenTrial, params: dict, distributions: dict | None = None) -> FrozenTrial:
-    """`t` with other hyperparameters (of DISTS unless `distributions` says otherwise)."""
-    return FrozenTrial(number=t.number, state=t.state, value=t.value, values=None,
-                       datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
-                       params=params, distributions=distributions or DISTS,
-                       user_attrs=t.user_attrs, system_attrs={}, trial_id=t.number,
-                       intermediate_values=t.intermediate_values)
 
 
 def _shown_labels(fig, ax, axis) -> list:
@@ -505,83 +325,3 @@ def test_curves_are_thinned_evenly_by_rank():
     plt.close(fig)
     assert title == "Validation curves of 100 of 300 trials, evenly spaced by rank"
     assert labels[:2] == ["complete (67 of 200)", "pruned (33 of 100)"]
-
-
-# A search space like the built-in one: many parameters, some conditional, long names and values.
-WIDE_DISTS = {
-    "model_type": CategoricalDistribution(["small", "convnext", "vit"]),
-    "learning_rate_of_the_backbone": FloatDistribution(1e-5, 3e-4, log=True),
-    "weight_decay": FloatDistribution(1e-6, 1e-1, log=True),
-    "dropout": FloatDistribution(0.0, 0.5), "embedding_dim": CategoricalDistribution([128, 512]),
-    "loss": CategoricalDistribution(["ce", "focal"]), "warmup_epochs": IntDistribution(0, 5),
-    "label_smoothing": FloatDistribution(0.0, 0.2), "focal_gamma": FloatDistribution(1.0, 3.0),
-    "grad_clip": FloatDistribution(0.5, 5.0, log=True),
-    "augmentation": CategoricalDistribution(["none", "a-rather-long-augmentation-policy-name-v2"]),
-}
-
-
-def wide_trial(number: int, state: TrialState = TrialState.COMPLETE) -> FrozenTrial:
-    """A trial of WIDE_DISTS, its parameters and value drawn from its number."""
-    rng = np.random.default_rng(number)
-    params = {}
-    for name, dist in WIDE_DISTS.items():
-        if isinstance(dist, CategoricalDistribution):
-            params[name] = dist.choices[rng.integers(len(dist.choices))]
-        elif isinstance(dist, IntDistribution):
-            params[name] = int(rng.integers(dist.low, dist.high + 1))
-        elif dist.log:
-            params[name] = float(np.exp(rng.uniform(np.log(dist.low), np.log(dist.high))))
-        else:
-            params[name] = float(rng.uniform(dist.low, dist.high))
-    params.pop("focal_gamma" if params["loss"] == "ce" else "label_smoothing")
-    value = float(rng.uniform(0.2, 0.9))
-    base = trial(number, state, value=value, curve=20, val_page_top1=value,
-                 val_page_top5=min(1.0, value + 0.1), val_page_map=value * 0.9,
-                 a_custom_metric_with_a_very_long_name_indeed=value / 3)
-    return with_params(base, params, {n: WIDE_DISTS[n] for n in params})
-
-
-def _top_section(report: str) -> list[str]:
-    return report.split("## Top 5 trials")[1].split("## Files")[0].strip().splitlines()
-
-
-def test_top_table_is_narrow_markdown(tmp_path):
-    ckpt = tmp_path / "c"
-    trials = [wide_trial(i) for i in range(8)]
-    make_study(ckpt, trials)
-    assert run(ckpt) == 0
-    section = _top_section((ckpt / "summary" / "report.md").read_text())
-    assert max(map(len, section)) <= 120, "\n".join(section)
-    header, rule, *rows = section[:7]
-    assert header.startswith("| # | trial |") and set(rule) <= set("|-:") and len(rows) == 5
-    best = max(trials, key=lambda t: t.value)
-    assert rows[0].split("|")[2].strip() == str(best.number)
-    assert f"{best.value:.4g}" in rows[0]
-    lines = "\n".join(section)
-    lr = best.params["learning_rate_of_the_backbone"]
-    assert f"learning_rate_of_the_backbone={summary_plots.compact_number(lr)}" in lines
-    # The table keeps a few numbers per trial; the CSV keeps them all, at full precision.
-    top5 = read_csv(ckpt, "top5_trials.csv")
-    assert top5.loc[0, "learning_rate_of_the_backbone"] == pytest.approx(lr, rel=1e-12)
-    assert "a_custom_metric_with_a_very_long_name_indeed" in top5.columns
-    assert "top5_trials.csv" in lines
-
-
-def test_markdown_table_lines_up():
-    assert summarize.markdown_table(["a", "bb"], [["1", "2"], ["333", "4"]]) == [
-        "|   a | bb |", "|----:|---:|", "|   1 |  2 |", "| 333 |  4 |"]
-
-
-def test_500_wide_trials_summary_is_quick(tmp_path):
-    log = tmp_path / "journal.log"  # a journal file is written much faster than SQLite
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(log)))
-    study = optuna.create_study(storage=storage, study_name="wide")
-    states = [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
-    study.add_trials([wide_trial(i, states[i % 4]) for i in range(500)])
-    started = time.monotonic()
-    assert run(tmp_path, "--storage", f"journal:///{log}") == 0
-    elapsed = time.monotonic() - started
-    print(f"summary of 500 trials with {len(WIDE_DISTS)} hyperparameters: {elapsed:.1f} s")
-    assert elapsed < 30
-    assert_summary_files(tmp_path)
-    assert max(map(len, _top_section((tmp_path / "summary" / "report.md").read_text()))) <= 120

@@ -1,0 +1,159 @@
+"""best_overall/: the best COMPLETE trial's files (model, config, metrics), replaced by an atomic
+folder swap only when the best changes, and that model's one evaluation on the held-out test split.
+
+The evaluation is the built-in objective's (`psearch.writer_id.evaluate`), imported only when there
+is a model and a test split to evaluate: it loads torch, which nothing else in the reports does.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+from psearch.engine import atomic, layout, study as study_lib
+from psearch.reports.tables import Snapshot, trial_folder, trial_metrics
+
+logger = logging.getLogger("summarize")
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOutcome:
+    """What happened to best_overall/ and why, for the report."""
+
+    message: str
+    has_model: bool = False
+    test_metrics: dict[str, Any] | None = None
+    test_note: str | None = None
+    retired: Path | None = None  # the previous best_overall/, deleted once the summary is done
+
+
+def best_config(best: FrozenTrial, snap: Snapshot, folder: Path) -> dict[str, Any]:
+    """The trial's own config.json (if any) plus what names it: trial number, value, params."""
+    config: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        config = dict(json.loads((folder / "config.json").read_text()))
+    config.update({"trial_number": best.number, "value": best.value, "params": best.params,
+                   "direction": snap.direction, "study_name": snap.study_name})
+    return config
+
+
+def names_best(best_dir: Path, best: FrozenTrial, snap: Snapshot) -> bool:
+    """True when best_overall/ already holds this trial with this value."""
+    try:
+        config = json.loads((best_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("trial_number") == best.number and config.get("value") == best.value
+            and config.get("study_name", snap.study_name) == snap.study_name)
+
+
+def stage_best(staging: Path, best: FrozenTrial, snap: Snapshot, checkpoint_dir: Path) -> bool:
+    """Fill `staging` with the best trial's files; True when it holds a model checkpoint."""
+    source = trial_folder(best, checkpoint_dir)
+    staging.mkdir(parents=True)
+    model = source / "best_model.pth"
+    if model.is_file():
+        atomic.copy_durably(model, staging / "best_model.pth")
+    atomic.write_json(staging / "config.json", best_config(best, snap, source))
+    try:
+        metrics = json.loads((source / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {"value": best.value, **trial_metrics(best, checkpoint_dir)}
+    atomic.write_json(staging / "metrics.json", metrics)
+    return model.is_file()
+
+
+def remove_leftovers(checkpoint_dir: Path) -> None:
+    """Staging folders of a summariser that was killed mid-swap (call it holding the summary
+    lock, so that no live summariser's are among them)."""
+    for pattern in (".best_overall.new-*", ".best_overall.old-*"):
+        for path in checkpoint_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def update_best_overall(snap: Snapshot, checkpoint_dir: Path) -> BestOutcome:
+    """Copy the best COMPLETE trial into best_overall/ (atomic swap) if it changed."""
+    target = layout.best_dir(checkpoint_dir)
+    best = study_lib.best_complete(snap.trials, snap.direction)
+    if best is None:
+        state = "left as it was" if target.exists() else "not created"
+        return BestOutcome(f"best_overall/ {state}: no trial has completed yet.")
+    test_dir = held_out_split(snap.settings)
+    if names_best(target, best, snap):
+        outcome = BestOutcome(f"best_overall/ already holds trial {best.number}: unchanged.",
+                              has_model=(target / "best_model.pth").is_file())
+        return _test_existing(target, outcome, test_dir, snap.settings)
+    staging = checkpoint_dir / f".best_overall.new-{atomic.process_tag()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        has_model = stage_best(staging, best, snap, checkpoint_dir)
+        tested = _evaluate_into(staging, snap.settings) if has_model and test_dir else None
+        retired = atomic.swap_in_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # left only if staging or the swap failed
+    return BestOutcome(f"best_overall/ updated from trial {best.number}.", has_model=has_model,
+                       test_metrics=tested, test_note=_test_note(has_model, test_dir, tested),
+                       retired=retired)
+
+
+def _test_existing(target: Path, outcome: BestOutcome, test_dir: Path | None,
+                   settings: dict[str, Any]) -> BestOutcome:
+    """An unchanged best is evaluated on the test split only if that was never done."""
+    if test_dir is None or not outcome.has_model:
+        return dataclasses.replace(outcome, test_note=_test_note(outcome.has_model, test_dir, None))
+    path = target / "test_metrics.json"
+    with contextlib.suppress(OSError, ValueError):
+        return dataclasses.replace(outcome, test_metrics=json.loads(path.read_text()))
+    tested = _evaluate_into(target, settings)
+    return dataclasses.replace(outcome, test_metrics=tested,
+                               test_note=_test_note(True, test_dir, tested))
+
+
+def _test_note(has_model: bool, test_dir: Path | None, tested: dict | None) -> str | None:
+    if test_dir is None:
+        return None
+    if not has_model:
+        return "not evaluated on the test split: the best trial left no best_model.pth"
+    return None if tested else "not evaluated on the test split (see the log for why)"
+
+
+# ---------------------------------------------------------------- held-out test split
+
+def held_out_split(settings: dict[str, Any]) -> Path | None:
+    """DATA_ROOT/test when the built-in objective ran and the data set has one (pure-ish)."""
+    if settings.get("objective") != study_lib.BUILTIN_OBJECTIVE or not settings.get("data_root"):
+        return None
+    test_dir = Path(settings["data_root"]) / "test"
+    return test_dir if test_dir.is_dir() else None
+
+
+def evaluate_on_test(best_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Page top-1/top-5/mAP of best_dir/best_model.pth on the test split; None if unavailable."""
+    try:
+        # imports torch: only here, only when there is something to evaluate
+        evaluate = importlib.import_module("psearch.writer_id.evaluate")
+    except ImportError as exc:
+        logger.warning("Test split not evaluated: the evaluate module is not available (%s)", exc)
+        return None
+    logger.info("Evaluating the best model once on the held-out test split of %s",
+                settings.get("data_root"))
+    try:
+        return dict(evaluate.evaluate_checkpoint(str(best_dir / "best_model.pth"), split="test",
+                                                 data_root=settings.get("data_root")))
+    except Exception as exc:  # the summary must still be written
+        logger.warning("Test split not evaluated: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _evaluate_into(best_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    result = evaluate_on_test(best_dir, settings)
+    if result is not None:
+        atomic.write_json(best_dir / "test_metrics.json", {"split": "test", **result})
+    return result

@@ -1,0 +1,193 @@
+"""The summary's report (summary/report.md, also printed): the trials by state and why they failed,
+the time spent, the best trial and what became of best_overall/, the top trials as a narrow
+Markdown table, and the files written. It only formats the text; `summary.py` writes it."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from psearch.engine import layout, study as study_lib
+from psearch.engine.config import redact_url
+from psearch.reports import plots
+from psearch.reports.best_overall import BestOutcome
+from psearch.reports.tables import (FIXED_COLUMNS, RUN_ATTRS, TOP_K, Snapshot, param_column,
+                                    time_stats, top_table)
+
+# report.md's top table stays narrow enough for a Markdown viewer; top5_trials.csv has it all.
+REPORT_METRICS = 3
+REPORT_WIDTH = 100
+# The figures the summary draws and what each shows: listed in the report, and the text of the
+# placeholder drawn instead of one that cannot be drawn.
+FIGURES = {
+    "all_trials_comparison.png": "every trial's value (best first) and all validation curves",
+    "hyperparameter_relationships.png": "the value against each hyperparameter",
+    "param_importances.png": "hyperparameter importances (Optuna, PED-ANOVA)",
+    "optimization_history.png": "value per trial and best so far (Optuna)",
+}
+
+
+def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
+                  checkpoint_dir: Path) -> str:
+    """The human-facing report (markdown): counts, best trial, top 5, time, files."""
+    counts = study_lib.count_trials(snap.trials, snap.direction)
+    wall, device_hours = time_stats(snap.trials)
+    lines = [f"# Search summary: study `{snap.study_name}`", "",
+             f"Snapshot of {snap.taken_at:%Y-%m-%d %H:%M:%S} from `{redact_url(snap.storage_url)}`; "
+             f"goal: {snap.direction} {snap.metric}.", "", "## Trials", "",
+             f"- {len(snap.trials)} trial{'' if len(snap.trials) == 1 else 's'}: "
+             f"{counts.complete} complete, {counts.pruned} pruned, "
+             f"{counts.failed} failed, {counts.running} running, {counts.waiting} waiting",
+             *_fail_reasons(snap.trials),
+             f"- wall time {_hms(wall)} (first start to last finish); "
+             f"{device_hours:.2f} device-hours ({_hms(device_hours * 3600)}) in ended trials",
+             ""]
+    lines += _best_section(snap, outcome, checkpoint_dir)
+    lines += ["", f"## Top {TOP_K} trials", ""]
+    params = sorted({param_column(n, FIXED_COLUMNS) for t in snap.trials for n in t.params})
+    lines += top_section(top_table(table), params)
+    lines += ["", "## Files", ""]
+    lines += _figure_lines(checkpoint_dir, counts.complete)
+    lines += [f"- `{checkpoint_dir / 'summary' / 'all_trials.csv'}`, `top5_trials.csv`: tables, "
+              "best first",
+              f"- `{checkpoint_dir / 'best_overall'}`: the best completed trial's files"
+              + ("" if (layout.best_dir(checkpoint_dir)).is_dir() else " (none yet)"), ""]
+    return "\n".join(lines)
+
+
+def _figure_lines(checkpoint_dir: Path, n_complete: int) -> list[str]:
+    """One line per figure; the importances carry the figure's caution when trials are few."""
+    caution = plots.importance_caution(n_complete) if n_complete else None  # none: a placeholder
+    return [f"- `{checkpoint_dir / 'summary' / name}`: {what}"
+            + (f" — **{caution}**" if caution and name == "param_importances.png" else "")
+            for name, what in FIGURES.items()]
+
+
+def top_section(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """The top trials in Markdown: a narrow table of numbers, then each trial's hyperparameters
+    on wrapped lines (a table with one column per parameter is too wide to read)."""
+    if not len(top):
+        return ["No completed trial yet."]
+    params = [p for p in params if p in top.columns and top[p].notna().any()]
+    metrics = _report_metrics(top, params)
+    header = ["#", "trial", "value", "duration", *(_short(m, 20) for m in metrics)]
+    rows = [[str(rank), str(row["number"]), _cell(row["value"]), _duration_cell(row["duration_s"]),
+             *(_cell(row[m]) for m in metrics)] for rank, (_, row) in enumerate(top.iterrows(), 1)]
+    shared = [p for p in params if top[p].notna().all()
+              and top[p].map(_cell).nunique() == 1] if len(top) > 1 else []
+    intro = "Hyperparameters, best first." + (
+        f" Shared by all {len(top)}: {_settings(top.iloc[0], shared)}." if shared else "")
+    lines = markdown_table(header, rows) + [""] + _wrapped(intro, "") + [""]
+    for _, row in top.iterrows():
+        own = _settings(row, [p for p in params if p not in shared]) or "(only the shared ones)"
+        lines += _wrapped(f"- trial {row['number']}: {own}", "  ")
+    return lines + ["", "Every column, at full precision: `top5_trials.csv`, `all_trials.csv`."]
+
+
+def _report_metrics(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """The first few numeric metric columns that the top trials have (the objective's key
+    metrics come first in the table)."""
+    skip = {*FIXED_COLUMNS, *params, *RUN_ATTRS, "datetime_start", "datetime_complete"}
+    numeric = [c for c in top.columns if c not in skip and top[c].notna().any()
+               and pd.api.types.is_numeric_dtype(top[c])]
+    return numeric[:REPORT_METRICS]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A right-aligned Markdown table, padded so that the raw text lines up too (pure)."""
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
+            *map(line, rows)]
+
+
+def _settings(row: pd.Series, params: Sequence[str]) -> str:
+    """`lr=3.04e-4, model_type=convnext`: the parameters this trial has (conditional ones
+    are missing in some)."""
+    return ", ".join(f"{p}={_cell(row[p])}" for p in params if not _missing(row[p]))
+
+
+def _wrapped(text: str, indent: str) -> list[str]:
+    # Markdown joins the lines again; the raw file stays readable too.
+    return textwrap.wrap(text, REPORT_WIDTH, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _cell(value: Any) -> str:
+    """A value in a few characters: floats to 4 significant digits, long text cut."""
+    if _missing(value):
+        return "-"
+    if isinstance(value, float):
+        return plots.compact_number(value)
+    return _short(str(value), 40)
+
+
+def _duration_cell(seconds: Any) -> str:
+    """Under a minute in seconds (a quick objective's trial), else as the wall time is."""
+    if _missing(seconds):
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 59.95 else _hms(seconds)
+
+
+def _hms(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _short(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
+def _fail_reasons(trials: Sequence[FrozenTrial]) -> list[str]:
+    reasons = [str(t.user_attrs.get("fail_reason", "stale (no heartbeat)"))[:80]
+               for t in trials if t.state == TrialState.FAIL]
+    if not reasons:
+        return []
+    tally = ", ".join(f"{reasons.count(r)}× {r}" for r in dict.fromkeys(reasons))
+    return [f"- failed because: {tally}"]
+
+
+def _best_section(snap: Snapshot, outcome: BestOutcome, checkpoint_dir: Path) -> list[str]:
+    best = study_lib.best_complete(snap.trials, snap.direction)
+    lines = ["## Best trial", ""]
+    if best is None:
+        return lines + [f"No completed trial yet. {outcome.message}"]
+    lines += [f"Trial {best.number}: {snap.metric} = {best.value:.6g}", ""]
+    lines += [f"- `{name}`: {value!r}" for name, value in best.params.items()]
+    lines += ["", outcome.message]
+    if not outcome.has_model:
+        lines.append("best_overall/ has no best_model.pth: the objective wrote none for this "
+                     "trial (config.json and metrics.json are there).")
+    if outcome.test_metrics:
+        lines.append(_test_line(outcome.test_metrics,
+                                layout.best_dir(checkpoint_dir) / "test_metrics.json"))
+    elif outcome.test_note:
+        lines.append(f"Test split: {outcome.test_note}.")
+    return lines
+
+
+def _test_line(m: dict[str, Any], path: Path) -> str:
+    """The held-out figures in one sentence; says why retrieval is missing when it is."""
+    def fmt(key: str) -> str:
+        value = m.get(key)
+        return "n/a" if value is None or value != value else f"{value:.4f}"
+
+    if m.get("retrieval_queries") == 0:
+        return (f"Held-out test split: page retrieval is undefined (no writer has two test "
+                f"pages); page classification accuracy {fmt('page_cls_acc')}, line accuracy "
+                f"{fmt('line_acc')} (`{path}`).")
+    return (f"Held-out test split: page top-1 {fmt('page_top1')}, page top-5 {fmt('page_top5')}"
+            f", mAP {fmt('page_map')}, page classification accuracy {fmt('page_cls_acc')} "
+            f"(`{path}`).")
+
