@@ -223,7 +223,7 @@ def test_ctrl_c_stops_every_process_and_a_rerun_finishes_the_budget(tmp_path, ru
     flags = ["--cpu_workers", "2", "--n_trials", "4"]
     run = runs(ckpt, flags, sleep=120)
     run.wait_until_started(2)
-    members = _descendants_by_env(run.proc.pid)
+    members = _descendants_by_env(run)
     assert len(members) == 2
     assert "libtorch" not in Path(f"/proc/{run.proc.pid}/maps").read_text()  # the real run too
     t0 = time.monotonic()
@@ -269,7 +269,7 @@ def test_kill_9_of_launcher_and_workers_then_rerun_finishes_exactly(tmp_path, ru
     flags = ["--cpu_workers", "2", "--n_trials", "4"]
     run = runs(ckpt, flags, sleep=120)
     run.wait_until_started(2)
-    for pid in [*_descendants_by_env(run.proc.pid), run.proc.pid]:
+    for pid in [*_descendants_by_env(run), run.proc.pid]:
         os.kill(pid, signal.SIGKILL)
     run.proc.wait()
     assert len(by_state(trials(ckpt), TrialState.RUNNING)) == 2  # what a crash leaves behind
@@ -294,7 +294,7 @@ def test_workers_do_not_outlive_a_killed_launcher(tmp_path, runs):
         ckpt = tmp_path / "c"
         run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "4"], sleep=120)
         run.wait_until_started(2)
-        members = _descendants_by_env(run.proc.pid)
+        members = _descendants_by_env(run)
         assert len(members) == 2
         # One thread: Linux repeats PDEATHSIG for every launcher thread a worker is handed to.
         assert len(os.listdir(f"/proc/{run.proc.pid}/task")) == 1

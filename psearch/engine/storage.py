@@ -20,9 +20,11 @@ import contextlib
 import importlib.util
 import itertools
 import logging
+import os
 import shlex
 import time
 import warnings
+import weakref
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +44,19 @@ NETWORK_FILESYSTEMS = frozenset({
     "fuse.glusterfs", "panfs", "wekafs", "fuse.sshfs", "afs", "9p", "fuse.s3fs"})
 GET_LOCK_TRY_S = 1  # one MySQL GET_LOCK try: a stop is noticed between tries
 SCHEMA_RACE_RETRIES = 5
+# The database engines this process opened: a forked child (a worker the launcher forks) must
+# never use their connections, which the parent keeps using; it opens its own.
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_engines_in_child() -> None:
+    """After a fork, in the child: forget the parent's pooled connections without closing them
+    (SQLAlchemy's `dispose(close=False)`, made for this)."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_drop_engines_in_child)
 
 
 def heartbeat_interval_s(grace_s: int) -> int:
@@ -98,10 +113,12 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
 
     for attempt in itertools.count():
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 driver_url(url), engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval_s(heartbeat_grace_s),
                 grace_period=heartbeat_grace_s)
+            _ENGINES.add(storage.engine)
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             # Launchers of several nodes that start at once on a new database all create
             # Optuna's tables; the losers of that race see a duplicate and simply open them.
