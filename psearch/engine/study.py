@@ -93,6 +93,9 @@ def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
                                "; rerun with the original --direction or another --study_name")
     n_before = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
     sampler = make_sampler(sampler_seed(cfg.seed, worker_rank, n_before), n_workers)
+    if existing is not None:
+        existing.sampler = sampler
+        return existing
     return optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                pruner=pruner, direction=cfg.direction, load_if_exists=True)
 
@@ -254,9 +257,10 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any]
         else:  # an earlier call created our trial, then lost the answer to a storage error
             trial_id = next(t._trial_id for t in trials if t.state == TrialState.RUNNING
                             and _owned_by(t, owner))
-        # What ask() does once it has the trial (its cache of trials would be one trial old).
-        study._thread_local.cached_all_trials = None
-        return optuna.Trial(study, trial_id)
+    # What ask() does once it has the trial (its cache of trials would be one trial old); the
+    # trial is ours already, so the lock is not held while the sampler reads the study.
+    study._thread_local.cached_all_trials = None
+    return optuna.Trial(study, trial_id)
 
 
 def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any],
