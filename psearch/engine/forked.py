@@ -6,17 +6,19 @@ A forked worker is made to look like one that `subprocess.Popen(argv, env=env, s
 start_new_session=True)` started: its own session and process group, `env` as its environment
 (set before anything in it can load CUDA or read the thread variables), stdin from /dev/null,
 stdout and stderr on its log file, Python's default signal handlers and no wakeup fd, none of the
-parent's logging handlers or exit handlers, a fresh NumPy seed, its own name in `ps`; it runs the
-module's `main(argv)` and ends with `os._exit`. Only a single-threaded process may fork (the child
-gets only the calling thread, and any lock another thread held stays locked forever):
-`fork_entry` says when, and otherwise the caller starts a new interpreter as before. The parent's
-database connections are dropped in the child by the storage's own at-fork hook (storage.py).
+parent's logging handlers or exit handlers, a fresh NumPy seed, the inherited objects frozen
+(`gc.freeze`), its own name in `ps`; it runs the module's `main(argv)` and ends with `os._exit`.
+Only a single-threaded process may fork (the child gets only the calling thread, and any lock
+another thread held stays locked forever): `fork_entry` says when, and otherwise the caller starts
+a new interpreter as before. The parent's database connections are dropped in the child by the
+storage's own at-fork hook (storage.py).
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import shlex
@@ -134,6 +136,9 @@ def _become_own_process(env: Mapping[str, str], log_fd: int) -> None:
         if isinstance(logger, logging.Logger):
             logger.handlers = []  # the parent's, left open: they write to the parent's files
     atexit._clear()  # the parent's exit handlers (its logging, its pools) are not ours to run
+    # What the child inherited lives as long as it does: its garbage collections skip it (less
+    # work per collection, and the pages stay shared with the parent instead of being copied).
+    gc.freeze()
     numpy = sys.modules.get("numpy")
     if numpy is not None:  # each worker draws its own random numbers, as a new process would
         numpy.random.seed()
