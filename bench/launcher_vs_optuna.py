@@ -13,6 +13,8 @@ Trial times come from the study's records (datetime_start / datetime_complete), 
 this process's clock around the processes it starts (interpreter and import time included).
 
     python bench/launcher_vs_optuna.py [--repeats 3] [--workers 8] [--json out.json]
+    python bench/launcher_vs_optuna.py --methods launcher,plain --baseline /tmp/old_checkout
+        # this checkout's launcher against an older one's (`launcher@baseline`), interleaved
 """
 from __future__ import annotations
 
@@ -66,11 +68,16 @@ def trial_figures(trials: Sequence, launched: dt.datetime, wall_s: float, worker
             "busy_s": round(busy, 2), "parallelism": round(busy / (wall_s * workers), 3)}
 
 
-def commands(method: str, scenario: Scenario, folder: Path, workers: int) -> list[list[str]]:
+BASELINE = "launcher@baseline"
+
+
+def commands(method: str, scenario: Scenario, folder: Path, workers: int,
+             baseline: Path | None = None) -> list[list[str]]:
     """The processes one run starts (argv lists, run from the repository root)."""
     py = sys.executable
-    if method == "launcher":
-        return [[py, str(ROOT / "parallel_search.py"), "--objective", OBJECTIVE,
+    if method in ("launcher", BASELINE):
+        root = baseline if method == BASELINE else ROOT
+        return [[py, str(root / "parallel_search.py"), "--objective", OBJECTIVE,
                  "--checkpoint_dir", str(folder), "--n_trials", str(scenario.n_trials),
                  "--cpu_workers", str(workers), "--no_summary"]]
     url, plain = layout.default_storage_url(str(folder)), str(BENCH / "plain_optuna.py")
@@ -82,17 +89,18 @@ def commands(method: str, scenario: Scenario, folder: Path, workers: int) -> lis
     return [[py, plain, url, DEFAULT_STUDY_NAME, str(scenario.n_trials), "--n_jobs", str(jobs)]]
 
 
-def run_once(method: str, scenario: Scenario, folder: Path, workers: int) -> dict:
+def run_once(method: str, scenario: Scenario, folder: Path, workers: int,
+             baseline: Path | None = None) -> dict:
     """Start the method's processes, wait for all, and read the study they filled."""
     folder.mkdir(parents=True)
     url = layout.default_storage_url(str(folder))
-    if method != "launcher":   # plain Optuna needs the study made before its processes start
+    if method not in ("launcher", BASELINE):  # plain Optuna needs the study made first
         optuna.create_study(study_name=DEFAULT_STUDY_NAME, storage=url, direction="maximize")
     env = {**os.environ, "BENCH_SLEEP_S": str(scenario.sleep_s)}
     launched, start = dt.datetime.now(), time.perf_counter()
     with open(folder / "output.log", "wb") as log:
         procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-                 for cmd in commands(method, scenario, folder, workers)]
+                 for cmd in commands(method, scenario, folder, workers, baseline)]
         codes = [p.wait() for p in procs]
     wall = time.perf_counter() - start
     if any(codes):
@@ -101,6 +109,20 @@ def run_once(method: str, scenario: Scenario, folder: Path, workers: int) -> dic
     trials = optuna.load_study(study_name=DEFAULT_STUDY_NAME, storage=url).get_trials()
     used = 1 if method == "sequential" else workers
     return {"method": method, **trial_figures(trials, launched, wall, used)}
+
+
+def select_methods(scenarios: Sequence[Scenario], methods: str | None,
+                   baseline: bool) -> tuple[Scenario, ...]:
+    """The scenarios with only the methods asked for, the baseline's launcher right after this
+    one's (pure)."""
+    keep = None if methods is None else set(methods.split(","))
+    chosen = []
+    for scenario in scenarios:
+        mine = [m for m in scenario.methods if keep is None or m in keep]
+        if baseline and "launcher" in mine:
+            mine.insert(mine.index("launcher") + 1, BASELINE)
+        chosen.append(Scenario(scenario.name, scenario.n_trials, scenario.sleep_s, tuple(mine)))
+    return tuple(chosen)
 
 
 def summarize(runs: list[dict], sequential_wall: float | None) -> list[dict]:
@@ -126,9 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two tiny scenarios instead, to "
                         "check that everything runs (default: the scenarios above)")
     parser.add_argument("--json", default=None, help="write the figures here (default: none)")
+    parser.add_argument("--methods", default=None, help="comma list of the methods to run, of "
+                        "launcher, plain, n_jobs, sequential (default: all)")
+    parser.add_argument("--baseline", default=None, help="a checkout of another version of this "
+                        f"project: its launcher runs too, as {BASELINE!r}, right after this one's "
+                        "(default: none)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    scenarios = QUICK if args.quick else SCENARIOS
+    scenarios = select_methods(QUICK if args.quick else SCENARIOS, args.methods,
+                               args.baseline is not None)
+    baseline = Path(args.baseline).resolve() if args.baseline else None
     if args.workers < 1 or any(s.n_trials % args.workers for s in scenarios):
         print(f"error: --workers {args.workers} must divide the trial counts "
               f"{[s.n_trials for s in scenarios]} (plain processes split them evenly)",
@@ -142,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     if method in RUN_ONCE and rep:
                         continue
                     folder = Path(tmp) / f"{rep}_{scenario.n_trials}_{method}"
-                    runs[scenario.name].append(run_once(method, scenario, folder, args.workers))
+                    runs[scenario.name].append(run_once(method, scenario, folder, args.workers,
+                                                        baseline))
                     print(scenario.name, json.dumps(runs[scenario.name][-1]), flush=True)
     result = {"workers": args.workers, "repeats": args.repeats, "cores": os.cpu_count(),
               "ray_tune": "installed, not compared" if importlib.util.find_spec("ray")

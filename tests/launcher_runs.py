@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -16,12 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SLEEPY = ROOT / "tests" / "objectives" / "sleepy.py"
 
 
-def _descendants_by_env(launcher_pid):
-    """Every live process whose environment says it belongs to this launcher's run."""
-    tag = f"PARALLEL_SEARCH_PARENT_PID={launcher_pid}".encode()
+TAG_VAR = "PSEARCH_TEST_RUN"  # put in each launcher's environment by the test, inherited by all
+
+
+def _descendants_by_env(run):
+    """Every live process of `run` but the launcher itself: those whose environment carries the
+    tag this test gave the launcher. Every descendant inherits it, forked (whose /proc environ is
+    the launcher's own) or exec'd, and it is still found once orphaned and adopted by init."""
+    tag = f"{TAG_VAR}={run.tag}".encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == run.proc.pid:
             continue
         try:
             if tag in (entry / "environ").read_bytes().split(b"\0") and \
@@ -39,8 +45,9 @@ class Run:
                  summary=False):
         self.ckpt = Path(ckpt)
         self.out_path = Path(out) if out else self.ckpt.parent / (self.ckpt.name + ".out")
+        self.tag = uuid.uuid4().hex
         full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-        full_env.update({"SLEEPY_SECONDS": str(sleep), **(env or {})})
+        full_env.update({"SLEEPY_SECONDS": str(sleep), TAG_VAR: self.tag, **(env or {})})
         with open(self.out_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [*as_host(host), sys.executable, str(ROOT / "parallel_search.py"), "--objective",
@@ -75,7 +82,7 @@ def runs():
     started = []
     yield lambda *a, **k: started.append(Run(*a, **k)) or started[-1]
     for run in started:
-        for pid in [run.proc.pid, *_descendants_by_env(run.proc.pid)]:
+        for pid in [run.proc.pid, *_descendants_by_env(run)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -223,7 +223,7 @@ def test_ctrl_c_stops_every_process_and_a_rerun_finishes_the_budget(tmp_path, ru
     flags = ["--cpu_workers", "2", "--n_trials", "4"]
     run = runs(ckpt, flags, sleep=120)
     run.wait_until_started(2)
-    members = _descendants_by_env(run.proc.pid)
+    members = _descendants_by_env(run)
     assert len(members) == 2
     assert "libtorch" not in Path(f"/proc/{run.proc.pid}/maps").read_text()  # the real run too
     t0 = time.monotonic()
@@ -248,6 +248,26 @@ def test_ctrl_c_stops_every_process_and_a_rerun_finishes_the_budget(tmp_path, ru
         assert reruns[t.number].params == t.params
 
 
+def test_workers_are_forked_each_in_its_own_group_env_log_and_name(tmp_path, runs):
+    ckpt = tmp_path / "c"
+    run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "2"], sleep=60)
+    run.wait_until_started(2)
+    for record in envs(ckpt):
+        pid, label = record["pid"], record["worker"]
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(stat[1]) == run.proc.pid and int(stat[2]) == pid  # our child, its own group
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == f"psearch-{label}"
+        assert b"-m psearch.engine.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert record["cuda_visible_devices"] == "" and record["omp_num_threads"] == "1"
+        log = next((ckpt / "logs").glob(f"worker_{label}_*.log")).read_text()
+        assert f"starting {label} =====" in log and "new interpreter" not in log  # forked
+        assert f"[{label}@" in log and "Trial" in log
+    launcher_log = next((ckpt / "logs").glob("launcher_*.log")).read_text()
+    assert "Trial 0 started" not in launcher_log  # no worker line reaches the launcher's log
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(45) == 130, run.output()
+
+
 def test_a_worker_killed_with_sigkill_is_restarted_and_its_trial_retried(tmp_path, runs):
     ckpt = tmp_path / "c"
     run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "4"], sleep=2)
@@ -269,7 +289,7 @@ def test_kill_9_of_launcher_and_workers_then_rerun_finishes_exactly(tmp_path, ru
     flags = ["--cpu_workers", "2", "--n_trials", "4"]
     run = runs(ckpt, flags, sleep=120)
     run.wait_until_started(2)
-    for pid in [*_descendants_by_env(run.proc.pid), run.proc.pid]:
+    for pid in [*_descendants_by_env(run), run.proc.pid]:
         os.kill(pid, signal.SIGKILL)
     run.proc.wait()
     assert len(by_state(trials(ckpt), TrialState.RUNNING)) == 2  # what a crash leaves behind
@@ -294,7 +314,7 @@ def test_workers_do_not_outlive_a_killed_launcher(tmp_path, runs):
         ckpt = tmp_path / "c"
         run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "4"], sleep=120)
         run.wait_until_started(2)
-        members = _descendants_by_env(run.proc.pid)
+        members = _descendants_by_env(run)
         assert len(members) == 2
         # One thread: Linux repeats PDEATHSIG for every launcher thread a worker is handed to.
         assert len(os.listdir(f"/proc/{run.proc.pid}/task")) == 1

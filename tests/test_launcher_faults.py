@@ -38,7 +38,7 @@ def test_a_closed_terminal_stops_the_run_like_sigterm(tmp_path, runs):
     ckpt = tmp_path / "c"
     run = runs(ckpt, ["--cpu_workers", "2", "--n_trials", "4"], sleep=60)
     run.wait_until_started(2)
-    members = _descendants_by_env(run.proc.pid)
+    members = _descendants_by_env(run)
     run.proc.send_signal(signal.SIGHUP)
     assert run.wait(45) == 128 + signal.SIGHUP
     time.sleep(0.5)
@@ -150,7 +150,7 @@ def test_a_full_disk_ends_the_run_cleanly_and_the_rerun_finishes_exactly(small_d
     out = run.output()
     assert code != 0 and "Traceback" not in out, out
     assert "No space left on the device" in out and "Free space, then rerun" in out, out
-    assert not _alive(_descendants_by_env(run.proc.pid))
+    assert not _alive(_descendants_by_env(run))
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     rerun = runs(ckpt, flags, sleep=0, objective=ROOT / "tests" / "objectives" / "fills_disk.py",
                  out=small_disk.parent / "run2.out")

@@ -71,7 +71,7 @@ def test_a_waiting_launcher_takes_over_the_trial_of_a_launcher_killed_on_its_hos
     while "waiting for 1 trial(s)" not in waiter.output():
         assert waiter.proc.poll() is None and time.monotonic() < deadline, waiter.output()
         time.sleep(0.2)
-    for pid in [*_descendants_by_env(doomed.proc.pid), doomed.proc.pid]:
+    for pid in [*_descendants_by_env(doomed), doomed.proc.pid]:
         os.kill(pid, signal.SIGKILL)
     doomed.proc.wait()
     t0 = time.monotonic()
@@ -126,7 +126,7 @@ def test_when_a_node_dies_the_other_reruns_its_trials_and_finishes(tmp_path, run
                                   extra=["--heartbeat_grace", "6"])
     victim.wait_until_started(2)
     time.sleep(1)
-    for pid in [*_descendants_by_env(victim.proc.pid), victim.proc.pid]:
+    for pid in [*_descendants_by_env(victim), victim.proc.pid]:
         os.kill(pid, signal.SIGKILL)  # the whole node, at once: no one gets to clean up
     victim.proc.wait()
     orphans = [t for t in trials(storage=postgres_url)

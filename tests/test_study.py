@@ -109,6 +109,32 @@ def test_a_claimed_trial_is_running_with_its_whole_owner(tmp_path):
         "worker": "gpu3"}
 
 
+def test_what_a_claim_does_with_the_trials_it_reads():
+    me, other = _owner("cpu0"), _owner("cpu1")
+    done = [_frozen(0, TrialState.COMPLETE, value=1.0)]
+    assert study_lib.claim_step(done, me, 2) == ("create", None)
+    assert study_lib.claim_step(done, me, 1) == ("none", None)
+    mine = _frozen(1, TrialState.RUNNING, me)
+    assert study_lib.claim_step([*done, mine], me, 2) == ("take", None)  # made, answer lost
+    assert study_lib.claim_step([*done, _frozen(1, TrialState.RUNNING, other)], me, 2) == \
+        ("none", None)  # a running trial holds its place in the budget
+    assert study_lib.claim_step([*done, _frozen(1, TrialState.WAITING)], me, 2) == ("ask", None)
+    stopped = _frozen(1, TrialState.FAIL, {"fail_reason": "interrupted"})
+    assert study_lib.claim_step([*done, stopped], me, 3) == ("create", stopped)
+
+
+def test_a_claim_is_one_new_running_trial_and_a_retried_claim_takes_it(tmp_path):
+    cfg = _cfg(tmp_path, n=3)
+    study = study_lib.open_study(cfg)
+    first = study_lib.claim_trial(study, cfg, _owner("cpu0"))
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # never WAITING
+    again = study_lib.claim_trial(study, cfg, _owner("cpu0"))  # the first answer was lost
+    assert again.number == first.number and len(study.get_trials()) == 1
+    study.enqueue_trial({"x": 0.25})  # by hand: taken before a new one, and made ours
+    queued = study_lib.claim_trial(study, cfg, _owner("cpu1"))
+    assert queued.suggest_float("x", -1, 1) == 0.25 and queued.user_attrs["worker"] == "cpu1"
+
+
 def test_fail_running_trials_only_of_the_given_worker_and_run(tmp_path):
     cfg = _cfg(tmp_path)
     study = study_lib.open_study(cfg)

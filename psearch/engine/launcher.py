@@ -23,7 +23,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from psearch.engine import cli, cmdline, devices, layout, ownership, progress
+from psearch.engine import cli, cmdline, devices, forked, layout, ownership, progress
 from psearch.engine.children import (PREPARED_MARKER, SYNTHETIC_MODULE, WORKER_MODULE,
                                      child_environ, module_argv, summary_argv, summary_hint)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args, config_to_argv
@@ -156,9 +156,55 @@ class HeldOutput:
         self.release()
 
 
-def prepare(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interrupts) -> int:
+def prepare(cfg: SearchConfig, environ: Mapping[str, str],
+            interrupts: Interrupts) -> tuple[int, optuna.Study | None]:
+    """Check everything and create or load the study before any worker starts (an exit code,
+    and the study when it was opened here). A custom objective is prepared in this process;
+    the built-in one in a helper process, which loads torch to check the pretrained weights and
+    builds the image cache (this process never loads torch)."""
+    if cfg.builtin_objective or forked.thread_count() != 1:
+        return prepare_in_helper(cfg, environ, interrupts), None
+    code, study = prepare_here(cfg)
+    if interrupts.count and code != EXIT_USAGE:
+        logger.warning("Interrupted while preparing: no worker was started")
+        return 128 + interrupts.signum, None
+    return code, study
+
+
+def prepare_here(cfg: SearchConfig) -> tuple[int, optuna.Study | None]:
+    """A custom objective: import and check it in a forked child (a user's module may import
+    anything, torch too: it never runs in this process), then create or load the study here,
+    where Optuna is loaded already."""
+    from psearch.engine import faults, worker
+
+    def check_objective(spec: str) -> None:
+        forked.call_in_child(worker.load_objective, spec)
+
+    try:
+        return 0, worker.open_checked_study(cfg, worker.WorkerIdentity(), check_objective)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # a refused run writes no log
+        return EXIT_USAGE, None
+    except RuntimeError as exc:  # the check itself ended badly (SystemExit at import, say)
+        logger.error("Preparation failed: the objective %s could not be checked (%s); nothing "
+                     "was started", cfg.objective, exc)
+        return 1, None
+    except Exception as exc:  # noqa: BLE001 - a full disk or a storage error: one line
+        if faults.is_disk_full(exc):
+            logger.error("Preparation stopped: no space left on the device (%s); nothing was "
+                         "started", faults.free_space_line(cfg.checkpoint_dir))
+        elif faults.is_storage_error(exc):
+            logger.error("Preparation failed: the study cannot be reached (%s); nothing was "
+                         "started", faults.one_line(exc))
+        else:
+            raise
+        return 1, None
+
+
+def prepare_in_helper(cfg: SearchConfig, environ: Mapping[str, str],
+                      interrupts: Interrupts) -> int:
     """Run the worker once with --prepare_only: index data, build the cache, check weights,
-    create or load the study and check its settings, before any worker starts."""
+    create or load the study and check its settings."""
     env = {**child_environ(environ, cfg), "PARALLEL_SEARCH_WORKER": "prepare",
            "PARALLEL_SEARCH_MANAGED": "1", "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()),
            "PYTHONUNBUFFERED": "1"}
@@ -226,7 +272,8 @@ def launch(job: Launch) -> int:
     this one fails only trials that are provably dead, never a live one of theirs.
     """
     limit_own_threads()
-    from psearch.engine import storage as storage_lib, study as study_lib
+    # The worker's module too: workers forked from here start with everything loaded.
+    from psearch.engine import storage as storage_lib, study as study_lib, worker  # noqa: F401
 
     status, log_file = setup_logging(job.host.name)
     interrupts = Interrupts()
@@ -235,13 +282,14 @@ def launch(job: Launch) -> int:
     warning = storage_lib.network_filesystem_warning(job.cfg.storage_url, storage_lib.read_mounts())
     if warning:
         logger.warning("%s", warning)
-    code = prepare(job.cfg, job.environ, interrupts)
+    code, study = prepare(job.cfg, job.environ, interrupts)
     if code not in (0, 1):  # refused or interrupted: nothing was created, nothing is written
         return code
     log_file.open(job.launcher_log)
     if code != 0:
         return code
-    study = study_lib.open_study(job.cfg, create=False)
+    if study is None:
+        study = study_lib.open_study(job.cfg, create=False)
     study_lib.recover_dead_trials(study, job.host, job.cfg.heartbeat_grace)
     code, disk_full = run_workers(job, study, interrupts, status)
     if job.ns.no_summary:

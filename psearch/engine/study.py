@@ -93,6 +93,9 @@ def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
                                "; rerun with the original --direction or another --study_name")
     n_before = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
     sampler = make_sampler(sampler_seed(cfg.seed, worker_rank, n_before), n_workers)
+    if existing is not None:
+        existing.sampler = sampler
+        return existing
     return optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                pruner=pruner, direction=cfg.direction, load_if_exists=True)
 
@@ -221,42 +224,67 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any]
     """Start the next trial if the budget allows (None when it does not).
 
     Under the study's budget lock (storage.budget_lock, shared by every launcher of the study):
-    fail the trials whose owner is provably dead, count, then create the trial already RUNNING
-    with its owner's attributes (and, for an interrupted/crashed trial that runs again, its
-    hyperparameters). So the study never exceeds `cfg.n_trials` finished trials however many
-    workers, launchers or nodes race, and no trial is ever RUNNING without an owner. When
-    `cancelled()` turns true while waiting for the lock, StopRequested is raised and no trial is
-    made. Safe to call again after a storage error: a trial it queued is taken, not queued twice.
+    read the trials (Optuna's cached storage reads only those not yet finished), fail those whose
+    owner is provably dead, count, then create the trial already RUNNING with its owner's
+    attributes (and, for an interrupted/crashed trial that runs again, its hyperparameters) in
+    one write. So the study never exceeds `cfg.n_trials` finished trials however many workers,
+    launchers or nodes race, and no trial is ever RUNNING without an owner. A trial someone
+    enqueued by hand (WAITING) is taken first. When `cancelled()` turns true while waiting for
+    the lock, StopRequested is raised and no trial is made. Safe to call again after a storage
+    error: a trial it created is taken, not created twice.
     """
     with storage_lib.budget_lock(study, cfg.storage_url, cancelled):
         if cancelled is not None and cancelled():
             raise StopRequested("stopped while claiming a trial")
-        recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace)
         trials = study.get_trials(deepcopy=False)
-        if budget_left(count_trials(trials, cfg.direction), cfg.n_trials) <= 0:
+        if recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace, trials):
+            trials = study.get_trials(deepcopy=False)
+        step, retry = claim_step(trials, owner, cfg.n_trials)
+        if step == "none":
             return None
-        if not any(t.state == TrialState.WAITING and _owned_by(t, owner) for t in trials):
-            _enqueue_next(study, trials, owner)
-        # (else an earlier call queued our trial, then failed in ask(): ask() takes it now)
-        trial = study.ask()
-    if not _owned_by(trial, owner):
-        # ask() took an older queued trial (one a user enqueued by hand): make it ours.
-        for key, value in owner.items():
-            trial.set_user_attr(key, value)
-    return trial
+        if step == "ask":  # a trial enqueued by hand: ask() takes the oldest
+            trial = study.ask()
+            if not _owned_by(trial, owner):
+                for key, value in owner.items():
+                    trial.set_user_attr(key, value)
+            return trial
+        if step == "create":
+            trial_id = study._storage.create_new_trial(study._study_id,
+                                                       template_trial=_template(owner, retry))
+            if retry is not None:
+                logger.info("Trial %d (%s) runs again as a new trial with the same "
+                            "hyperparameters", retry.number, _reason(retry))
+        else:  # an earlier call created our trial, then lost the answer to a storage error
+            trial_id = next(t._trial_id for t in trials if t.state == TrialState.RUNNING
+                            and _owned_by(t, owner))
+    # What ask() does once it has the trial (its cache of trials would be one trial old); the
+    # trial is ours already, so the lock is not held while the sampler reads the study.
+    study._thread_local.cached_all_trials = None
+    return optuna.Trial(study, trial_id)
 
 
-def _enqueue_next(study: optuna.Study, trials: Sequence[FrozenTrial],
-                  owner: Mapping[str, Any]) -> None:
-    """Queue the trial to start next: a rerun of a trial that did not fail on its own merits,
-    else a new one."""
-    retry = next_retry(trials)
+def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any],
+               n_trials: int) -> tuple[str, FrozenTrial | None]:
+    """What a claim does with these trials (pure): 'take' the RUNNING trial this owner already
+    holds, 'none' when no budget is left, 'ask' for a trial enqueued by hand, or 'create' a new
+    one (rerunning the returned FAIL trial, if any)."""
+    if any(t.state == TrialState.RUNNING and _owned_by(t, owner) for t in trials):
+        return "take", None
+    if budget_left(count_trials(trials), n_trials) <= 0:
+        return "none", None
+    if any(t.state == TrialState.WAITING for t in trials):
+        return "ask", None
+    return "create", next_retry(trials)
+
+
+def _template(owner: Mapping[str, Any], retry: FrozenTrial | None) -> FrozenTrial:
+    """The new trial: RUNNING from now, its owner's attributes; a rerun's hyperparameters fixed
+    as `enqueue_trial` fixes them."""
     if retry is None:
-        study.enqueue_trial({}, user_attrs=dict(owner))
-        return
-    study.enqueue_trial(retry.params, user_attrs={**owner, **retry_user_attrs(retry)})
-    logger.info("Trial %d (%s) runs again as a new trial with the same hyperparameters",
-                retry.number, retry.user_attrs.get("fail_reason", "stale"))
+        return optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=dict(owner))
+    return optuna.trial.create_trial(state=TrialState.RUNNING,
+                                     system_attrs={"fixed_params": dict(retry.params)},
+                                     user_attrs={**owner, **retry_user_attrs(retry)})
 
 
 def _owned_by(t: FrozenTrial | optuna.Trial, owner: Mapping[str, Any]) -> bool:
@@ -352,15 +380,19 @@ def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_g
     return gone, stale
 
 
-def recover_dead_trials(study: optuna.Study, here: ownership.Host,
-                        heartbeat_grace_s: int) -> list[int]:
+def recover_dead_trials(study: optuna.Study, here: ownership.Host, heartbeat_grace_s: int,
+                        trials: Sequence[FrozenTrial] | None = None) -> list[int]:
     """Fail the RUNNING trials whose owner is provably dead, so they run again: owners on this
     host that no longer exist (pid and start time), and trials whose heartbeat is stale. A live
-    trial of another launcher, on this host or any other, is never touched."""
+    trial of another launcher, on this host or any other, is never touched. `trials`: the
+    study's trials as just read, if the caller has them."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not any(t.state == TrialState.RUNNING for t in trials):
+        return []
     backend = storage_lib.rdb_backend(study._storage)
     stale_ids = backend._get_stale_trial_ids(study._study_id) if backend is not None else []
-    gone, stale = dead_trials(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                              here, heartbeat_grace_s, time.time(), set(stale_ids))
+    gone, stale = dead_trials(trials, here, heartbeat_grace_s, time.time(), set(stale_ids))
     crashed = _fail(study, gone, "crashed")
     if crashed:
         logger.warning("Trials %s were left RUNNING by processes of %s that no longer exist: "
@@ -391,6 +423,8 @@ class Heartbeat:
             self._storage.set_trial_user_attr(self._trial_id, "heartbeat_at", time.time())
 
     def _run(self) -> None:
+        # The first beat too: the objective starts without waiting for its write.
+        self._run_once()
         while not self._stop.wait(self._interval_s):
             self._run_once()
 
@@ -401,7 +435,6 @@ class Heartbeat:
             logger.warning("heartbeat not recorded: %s", faults.one_line(exc))
 
     def __enter__(self) -> "Heartbeat":
-        self._run_once()
         self._thread.start()
         return self
 

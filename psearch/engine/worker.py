@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -131,26 +131,36 @@ def load_objective(spec: str) -> Objective:
     return fn
 
 
-def prepare(cfg: SearchConfig, who: WorkerIdentity,
-            log_file: DeferredFileHandler | None = None) -> optuna.Study:
-    """Check everything, then write: the data (or the objective), the storage and the settings
-    stored with an existing study are checked before anything is created, so a refused run
-    leaves no trace; then the log file, a new study's settings and the shared image cache."""
+def open_checked_study(cfg: SearchConfig, who: WorkerIdentity,
+                       check_objective: Callable[[str], object] = load_objective) -> optuna.Study:
+    """Check, then create or load the study: the data (or the objective, with
+    `check_objective`), the storage and the settings stored with an existing study are checked
+    before anything is created, so a refused run leaves no trace; a new study gets its settings."""
     writers = None
     if cfg.builtin_objective:
         from psearch.writer_id import objective as writer_objective
 
         writers = writer_objective.check_data(cfg)
     else:
-        load_objective(cfg.objective)
+        check_objective(cfg.objective)
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
     study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers),
                                       config.redact_url(cfg.storage_url), cfg.heartbeat_grace)
+    return study
+
+
+def prepare(cfg: SearchConfig, who: WorkerIdentity,
+            log_file: DeferredFileHandler | None = None) -> optuna.Study:
+    """Check everything, then write (`open_checked_study`); then the log file and the shared
+    image cache."""
+    study = open_checked_study(cfg, who)
     if log_file is not None:
         log_file.open(layout.logs_dir(cfg.checkpoint_dir) / layout.log_name(
             "single_gpu", socket.gethostname(), time.strftime("%Y%m%d_%H%M%S")))
     logger.info("%s", children.PREPARED_MARKER)
     if cfg.builtin_objective:
+        from psearch.writer_id import objective as writer_objective
+
         writer_objective.build_cache(cfg)
     return study
 

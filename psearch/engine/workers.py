@@ -1,8 +1,11 @@
 """The process controller: start the workers, watch them, forward signals, kill, restart.
 
-Each worker is `sys.executable` with an argv list (no shell) in its own session and process
+Each worker is an argv list (`python -m MODULE …`, no shell) in its own session and process
 group, so a terminal's Ctrl+C reaches only the launcher, which forwards it, and killing a group
-also ends the worker's data-loader processes. Nothing here knows about Optuna or trials.
+also ends the worker's data-loader processes. A worker whose module this process has already
+imported is forked rather than exec'd (forked.py: no interpreter start, no imports), whenever this
+process is single-threaded; otherwise it gets a new interpreter. Nothing here knows about Optuna
+or trials.
 """
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
+from psearch.engine import forked
 from psearch.engine.devices import WorkerSlot
 
 logger = logging.getLogger(__name__)
@@ -38,7 +43,7 @@ class Worker:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | forked.Forked | None = None
     started_at: float = 0.0
     early_failures: int = 0
     restart_at: float | None = None
@@ -75,14 +80,21 @@ class Controller:
         self._kill_deadline: float | None = None
 
     def start(self, worker: Worker) -> None:
-        """Start (or restart) one worker, appending its output to its log file."""
+        """Start (or restart) one worker, appending its output to its log file: forked when
+        this process has its module loaded and no other thread, else a new interpreter."""
         worker.log_path.parent.mkdir(parents=True, exist_ok=True)
+        module = forked.fork_entry(worker.argv, sys.executable, sys.modules,
+                                   forked.thread_count())
         with open(worker.log_path, "ab", buffering=0) as log:
             log.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {worker.slot.label}"
-                      f" =====\n".encode())
-            worker.proc = subprocess.Popen(worker.argv, env=worker.env, stdin=subprocess.DEVNULL,
-                                           stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+                      f"{'' if module else ' (new interpreter)'} =====\n".encode())
+            if module is not None:
+                worker.proc = forked.start(module, worker.argv, worker.env, log.fileno(),
+                                           forked.process_name(worker.slot.label))
+            else:
+                worker.proc = subprocess.Popen(worker.argv, env=worker.env,
+                                               stdin=subprocess.DEVNULL, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True)
         worker.started_at = self._clock()
         worker.restart_at = None
 
