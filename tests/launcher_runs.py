@@ -20,22 +20,27 @@ SLEEPY = ROOT / "tests" / "objectives" / "sleepy.py"
 TAG_VAR = "PSEARCH_TEST_RUN"  # put in each launcher's environment by the test, inherited by all
 
 
-def _descendants_by_env(run):
-    """Every live process of `run` but the launcher itself: those whose environment carries the
-    tag this test gave the launcher. Every descendant inherits it, forked (whose /proc environ is
-    the launcher's own) or exec'd, and it is still found once orphaned and adopted by init."""
-    tag = f"{TAG_VAR}={run.tag}".encode()
+def processes_tagged(tag, exclude=()):
+    """Every live process but `exclude` whose environment carries TAG_VAR=`tag`: all that a
+    launcher started with that tag left, forked (whose /proc environ is the launcher's own) or
+    exec'd, also once orphaned and adopted by init."""
+    mark = f"{TAG_VAR}={tag}".encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == run.proc.pid:
+        if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         try:
-            if tag in (entry / "environ").read_bytes().split(b"\0") and \
+            if mark in (entry / "environ").read_bytes().split(b"\0") and \
                     (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 found.append(int(entry.name))
         except OSError:
             continue
     return found
+
+
+def _descendants_by_env(run):
+    """Every live process of `run` but the launcher itself (see processes_tagged)."""
+    return processes_tagged(run.tag, exclude=(run.proc.pid,))
 
 
 class Run:

@@ -28,6 +28,8 @@ from psearch.writer_id.dataset import ShardSampler, WriterBalancedSampler
 from psearch.writer_id.model import load_best_model
 from psearch.writer_id.synthetic import make_synthetic
 
+from launcher_runs import TAG_VAR, processes_tagged
+
 ROOT = Path(__file__).resolve().parents[1]
 DDP_OBJECTIVE = ROOT / "tests" / "objectives" / "ddp_objectives.py"
 TINY = ["--models", "small", "--img_height", "32", "--img_width", "256", "--batch_size", "8",
@@ -187,28 +189,13 @@ def test_a_rank_that_gives_no_result_is_a_failure(tmp_path):
 
 
 # ------------------------------------------------------------------ through the launcher
-def tagged_processes(tag):
-    """Live processes whose environment carries this test's tag (the launcher's descendants,
-    also any re-parented to init)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if tag in (entry / "environ").read_bytes().split(b"\0") and \
-                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 class Launcher:
     """parallel_search.py as a user starts it, its output in a file, tagged for process checks."""
 
     def __init__(self, tmp_path, flags, extra_env=None):
-        self.tag = f"DDP_TEST_TAG={uuid.uuid4().hex}"
+        self.tag = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-        env.update({**(extra_env or {}), "DDP_TEST_TAG": self.tag.split("=", 1)[1]})
+        env.update({**(extra_env or {}), TAG_VAR: self.tag})
         self.out = tmp_path / f"launcher_{time.monotonic_ns()}.out"
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "parallel_search.py"), *flags],
@@ -225,7 +212,7 @@ class Launcher:
         return self.out.read_text(errors="replace")
 
     def kill(self):
-        for pid in [self.proc.pid, *tagged_processes(self.tag.encode())]:
+        for pid in [self.proc.pid, *processes_tagged(self.tag)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -234,9 +221,9 @@ class Launcher:
 
     def leftovers(self, timeout=15):
         deadline = time.monotonic() + timeout
-        while tagged_processes(self.tag.encode()) and time.monotonic() < deadline:
+        while processes_tagged(self.tag) and time.monotonic() < deadline:
             time.sleep(0.2)
-        return tagged_processes(self.tag.encode())
+        return processes_tagged(self.tag)
 
 
 @pytest.fixture
