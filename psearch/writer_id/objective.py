@@ -195,7 +195,7 @@ class WriterObjective:
         resumed_from = trial.user_attrs.get("resumed_from")
         record = trial_record(trial.number, hp, cfg)
         device = (str(self.device) if self.world_size == 1 else
-                  f"{self.world_size} x {'cuda' if self.device.type == 'cuda' else 'cpu'}")
+                  f"{self.world_size} x {self.device.type}")
         atomic.write_json(trial_dir / "config.json", {
             **record, "writers": list(self.writers), "resumed_from": resumed_from,
             "device": device})
