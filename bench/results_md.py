@@ -118,11 +118,12 @@ def launcher_section(f: dict) -> list[str]:
         if any("speedup_vs_sequential" in r for r in rows):
             columns.append(("speedup_vs_sequential", "speed-up vs sequential"))
         out += [f"### {name} on {f['workers']} workers", "", *table(rows, columns)]
-    out += ["Before its first trial the launcher validates the flags, prepares the study in a "
-            "worker process and starts its workers; every process-based method pays for Python "
-            "and Optuna imports, which compete for the cores when workers outnumber them. Threads "
-            "(`n_jobs`) start at once but share one interpreter: fine for trials that wait on a "
-            "device, not for trials that compute in Python.", ""]
+    out += ["Before its first trial the launcher validates the flags, checks the objective in a "
+            "forked child, creates the study itself and forks its workers, which inherit its "
+            "imports and take over its storage; `plain` pays an interpreter start and the Optuna "
+            "imports in each of its processes, all competing for the cores. Threads (`n_jobs`) "
+            "start at once but share one interpreter: fine for trials that wait on a device, not "
+            "for trials that compute in Python.", ""]
     return out
 
 
