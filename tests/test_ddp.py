@@ -83,6 +83,20 @@ def test_banner_and_status_line_say_how_many_devices_a_trial_holds():
     assert "GPUs: 0,1; 2,3 (2 GPUs per trial, 2 trial(s) at a time)" in banner
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--cpu_workers", "2", "--gpus_per_trial", "500"],
+     "error: --cpu_workers 2 x --gpus_per_trial 500 asks for 1000 training processes; this "
+     "machine can run at most"),
+    (["--cpu_workers", "1", "--gpus_per_trial", "0"], "error: --gpus_per_trial must be at least 1"),
+])
+def test_the_launcher_refuses_impossible_trials_before_creating_anything(tmp_path, flags, message):
+    r = subprocess.run([sys.executable, str(ROOT / "parallel_search.py"), "--objective",
+                        f"{DDP_OBJECTIVE}:objective", "--checkpoint_dir", str(tmp_path / "c"),
+                        "--n_trials", "2", *flags], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(message) and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
 # ------------------------------------------------------------------ ranks (pure parts)
 def test_each_rank_gets_torchruns_variables_and_its_own_files(tmp_path):
     env = ranks.rank_env({"CUDA_VISIBLE_DEVICES": "4,5", "KEEP": "1"}, 1, 2, 29500, tmp_path, 77)

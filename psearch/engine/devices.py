@@ -242,12 +242,13 @@ def max_workers(n_cores: int, memory_bytes: int | None, builtin_objective: bool)
 
 
 def check_worker_count(n_workers: int, limit: int, n_cores: int, memory_bytes: int | None,
-                       flag: str) -> None:
-    """UsageError naming the limit when more workers are asked for than the machine can run."""
+                       flag: str, what: str = "workers") -> None:
+    """UsageError naming the limit when more workers (or processes: `what`) are asked for than
+    the machine can run."""
     if n_workers <= limit:
         return
     memory = f", {memory_bytes / (1 << 30):.1f} GiB memory" if memory_bytes else ""
-    raise UsageError(f"{flag} asks for {n_workers} workers; this machine can run at most {limit} "
+    raise UsageError(f"{flag} asks for {n_workers} {what}; this machine can run at most {limit} "
                      f"({n_cores} cores{memory}); ask for {limit} or fewer")
 
 

@@ -359,7 +359,8 @@ def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
             else f"{len(gpus)} GPU(s) x --workers_per_gpu {ns.workers_per_gpu}")
     if ns.gpus_per_trial > 1:  # each worker runs a trial as that many processes
         flag += f" x --gpus_per_trial {ns.gpus_per_trial}"
-    devices.check_worker_count(len(slots) * ns.gpus_per_trial, limit, n_cores, memory, flag)
+    devices.check_worker_count(len(slots) * ns.gpus_per_trial, limit, n_cores, memory, flag,
+                               "workers" if ns.gpus_per_trial == 1 else "training processes")
     if gpus and (ns.gpus is not None or "CUDA_VISIBLE_DEVICES" in environ):
         source = (f"--gpus {ns.gpus}" if ns.gpus is not None
                   else f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}")
