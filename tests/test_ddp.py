@@ -278,6 +278,11 @@ def test_builtin_trials_train_on_two_cpu_ranks_and_resume_after_ctrl_c(lines, tm
     assert interrupted.state == TrialState.FAIL and \
         interrupted.user_attrs["fail_reason"] == "interrupted"
     assert len(interrupted.intermediate_values) >= 1
+    # the stopped trial's folder is finished like a one-device one's: status, metrics, curve
+    stopped = ckpt / "trial_000"
+    assert json.loads((stopped / "metrics.json").read_text())["status"] == "interrupted"
+    assert (stopped / "plots" / "training_curves.png").is_file()
+    assert interrupted.user_attrs["epochs_run"] == len(interrupted.intermediate_values)
 
     second = launchers(tmp_path, flags)
     assert second.wait(300) == 0, second.output()

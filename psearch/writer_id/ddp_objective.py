@@ -1,4 +1,4 @@
-"""One rank of a built-in trial on several devices: `python -m psearch.writer_id.ddp_objective SPEC`.
+"""One rank of a built-in trial on several devices (`python -m psearch.writer_id.ddp_objective F`).
 
 The worker (`objective.WriterObjective`) has claimed the trial, suggested its hyperparameters and
 found what it resumes from; it writes them to SPEC and starts the ranks with `engine/ranks.py`.
@@ -24,7 +24,7 @@ import torch
 from psearch.engine import layout, ranks, study as study_lib
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.writer_id import distributed, model as model_lib
-from psearch.writer_id.objective import (fit_trial, load_index, make_bundle, model_spec,
+from psearch.writer_id.objective import (fit_trial, load_index, make_bundle, model_spec, rank_title,
                                          train_config, trial_record)
 from psearch.writer_id.train import RankEnded, Trainer
 
@@ -52,8 +52,7 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
         trainer = Trainer(model, data, train_config(hp, cfg, int(spec["num_workers"])),
                           dist.device, trial_dir,
                           {**trial_record(number, hp, cfg),
-                           "title": f"Trial {number} ({hp['model_type']}, {dist.world_size} "
-                                    "devices)"}, dist=dist)
+                           "title": rank_title(number, hp, dist.world_size)}, dist=dist)
         resume = Path(spec["resume_from"]) if spec["resume_from"] else None
         if not dist.is_main:
             try:

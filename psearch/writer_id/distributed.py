@@ -42,7 +42,7 @@ class Dist:
         return self.world_size > 1
 
     def agree(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (a prune, early-stop or stop decision, hyperparameters)."""
+        """Rank 0's `value` on every rank (a decision: go on, stop early, end the trial)."""
         if not self.distributed:
             return value
         box = [value if self.is_main else None]

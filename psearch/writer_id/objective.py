@@ -10,6 +10,7 @@ ranks under DistributedDataParallel (`engine/ranks.py` starts and watches them,
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import torch
 
 from psearch.engine import atomic, children, layout, ranks
@@ -30,7 +32,7 @@ from psearch.writer_id import data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
 from psearch.writer_id.names import RESUME_CHECKPOINT, TRIAL_RESULT_KEYS
 from psearch.writer_id.search_space import suggest_hparams
-from psearch.writer_id.train import TrainConfig, Trainer
+from psearch.writer_id.train import TrainConfig, Trainer, plot_history
 
 RANK_MODULE = "psearch.writer_id.ddp_objective"
 
@@ -139,12 +141,38 @@ def on_epoch(trial: optuna.Trial, trainer: Trainer, epoch: int, row: dict[str, f
 
 def finish(trial: optuna.Trial, trainer: Trainer, trial_dir: Path, status: str) -> None:
     """Final metrics.json, the metrics as user attributes, the training-curve plot."""
-    result = trainer.result(status)
+    record_metrics(trial, trial_dir, trainer.result(status))
+    trainer.write_plot()
+
+
+def record_metrics(trial: optuna.Trial, trial_dir: Path, result: dict[str, Any]) -> None:
+    """metrics.json and the metrics as the trial's user attributes (NaN as None)."""
     atomic.write_json(trial_dir / "metrics.json", result)
     for key in TRIAL_RESULT_KEYS:
         value = result[key]
         trial.set_user_attr(key, None if value != value else value)
-    trainer.write_plot()
+
+
+def finish_stopped_ranks(trial: optuna.Trial, trial_dir: Path, title: str) -> None:
+    """A trial on several devices stopped (Ctrl+C): its ranks were ended mid-epoch, so leave
+    what a stopped one-device trial leaves (status interrupted, the metrics as user attributes,
+    the curve plot) from what rank 0 wrote after its last epoch. Best effort: the stop goes on."""
+    try:
+        running = json.loads((trial_dir / "metrics.json").read_text())
+        history = pd.read_csv(trial_dir / "history.csv").to_dict("records")
+    except (OSError, ValueError):
+        return   # stopped before its first epoch: nothing to show
+    try:
+        record_metrics(trial, trial_dir, {**running, "status": "interrupted"})
+        plot_history(history, trial_dir / "plots" / "training_curves.png", title)
+    except Exception as exc:  # noqa: BLE001 - a plot that fails must not turn a stop into more
+        logger.warning("Trial %d: could not finish its files after the stop (%s)", trial.number,
+                       exc)
+
+
+def rank_title(number: int, hp: dict[str, Any], world_size: int) -> str:
+    """The curve plot's title of a trial trained on several devices."""
+    return f"Trial {number} ({hp['model_type']}, {world_size} devices)"
 
 
 def trial_record(trial_number: int, hp: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
@@ -220,9 +248,14 @@ class WriterObjective:
                 "num_workers": loader_processes(self.cfg.num_workers, threads)}
         spec_path = trial_dir / ranks.RANKS_DIR / "spec.json"
         atomic.write_json(spec_path, spec)
-        result = ranks.run_ranks([sys.executable, "-m", RANK_MODULE, str(spec_path)], trial_dir,
-                                 self.world_size, children.child_environ(os.environ, self.cfg),
-                                 should_stop=lambda: self.stop.requested)
+        try:
+            result = ranks.run_ranks([sys.executable, "-m", RANK_MODULE, str(spec_path)],
+                                     trial_dir, self.world_size,
+                                     children.child_environ(os.environ, self.cfg),
+                                     should_stop=lambda: self.stop.requested)
+        except StopRequested:
+            finish_stopped_ranks(trial, trial_dir, rank_title(trial.number, hp, self.world_size))
+            raise
         if result["status"] == "pruned":
             raise optuna.TrialPruned(result["message"])
         return float(result["value"])
