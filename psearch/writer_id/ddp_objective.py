@@ -1,7 +1,7 @@
 """One rank of a built-in trial on several devices (`python -m psearch.writer_id.ddp_objective F`).
 
 The worker (`objective.WriterObjective`) has claimed the trial, suggested its hyperparameters and
-found what it resumes from; it writes them to the file F and starts the ranks with `engine/ranks.py`.
+found what it resumes from; it writes them to the file F and starts the ranks (`engine/ranks.py`).
 Every rank joins the process group, loads the shared data cache and builds the same model;
 rank 0 alone talks to Optuna (reports each epoch, asks whether to prune, records the metrics)
 through its own handle on the claimed trial, writes the checkpoints and returns the value; the
