@@ -18,7 +18,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from psearch.reports import plots as summary_plots, summary as summarize, tables
+from psearch.reports import (param_plots, plots as summary_plots, summary as summarize, tables,
+                             trial_plots)
 
 from summary_studies import (OBJECTIVES, REPO, assert_summary_files, make_study, read_csv, run,
                              trial, with_params)
@@ -125,8 +126,8 @@ def test_running_trial_appears_in_the_values_plot():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
-    summary_plots._values_panel(ax, [trial(0, value=0.7), trial(1, TrialState.RUNNING)],
-                                "maximize", "value")
+    trial_plots._values_panel(ax, [trial(0, value=0.7), trial(1, TrialState.RUNNING)],
+                              "maximize", "value")
     labels = ax.get_legend_handles_labels()[1]
     plt.close(fig)
     assert labels == ["complete (1)", "running (1, last reported value)"]
@@ -193,8 +194,8 @@ def test_time_stats():
 
 def test_importances_need_a_varied_parameter():
     same = [trial(0, value=0.1), trial(0, value=0.2)]
-    assert summary_plots.varied_params(same) == []
-    assert summary_plots.varied_params([trial(0, value=0.1), trial(1, value=0.2)]) == \
+    assert param_plots.varied_params(same) == []
+    assert param_plots.varied_params([trial(0, value=0.1), trial(1, value=0.2)]) == \
         ["act", "lr", "width"]
 
 
@@ -218,7 +219,7 @@ def _pyplot():
 def _captured_figures(monkeypatch) -> list:
     """Figures the plotting functions would save, kept open for the test to read."""
     figures = []
-    monkeypatch.setattr(summary_plots, "_save",
+    monkeypatch.setattr(summary_plots, "save",
                         lambda fig, path, tight_bbox=False: figures.append(fig))
     return figures
 
@@ -261,7 +262,7 @@ def test_log_axis_labels_do_not_overlap(lo, hi):
     trials = [with_params(trial(i, value=0.5 + i / 100), {"lr": v}, {"lr": dist})
               for i, v in enumerate(values)]
     fig, ax = plt.subplots(figsize=(5.5, 4.2))  # one panel of the hyperparameter figure
-    summary_plots._param_panel(ax, "lr", trials, None)
+    param_plots._param_panel(ax, "lr", trials, None)
     labels = _shown_labels(fig, ax, ax.xaxis)
     plt.close(fig)
     assert len(labels) >= 2, labels
@@ -275,14 +276,14 @@ def test_box_plots_only_from_four_values():
               for i, a in enumerate(acts)]
     trials.append(with_params(trial(9, TrialState.PRUNED, value=0.1),
                               {**trial(9).params, "act": "gelu"}))
-    groups = summary_plots.box_groups("act", ["relu", "gelu", "tanh"], trials)
+    groups = param_plots.box_groups("act", ["relu", "gelu", "tanh"], trials)
     assert groups == [(0, [0.0, 0.1, 0.2, 0.3, 0.4])]  # gelu: 3 completed + 1 pruned, no box
 
 
 def test_history_ticks_are_whole_trial_numbers(monkeypatch, tmp_path):
     figures = _captured_figures(monkeypatch)
-    summary_plots.plot_history([trial(i, value=i / 10) for i in range(5)], "maximize", "v",
-                               tmp_path / "h.png")
+    param_plots.plot_history([trial(i, value=i / 10) for i in range(5)], "maximize", "v",
+                             tmp_path / "h.png")
     ax = figures[0].axes[0]
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
@@ -292,11 +293,11 @@ def test_history_ticks_are_whole_trial_numbers(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("n_complete, rough", [(5, True), (10, False)])
 def test_importances_from_few_trials_carry_a_caution(monkeypatch, tmp_path, n_complete, rough):
-    assert (summary_plots.importance_caution(n_complete) is not None) == rough
+    assert (param_plots.importance_caution(n_complete) is not None) == rough
     figures = _captured_figures(monkeypatch)
     trials = [trial(i, value=(i * 7 % 11) / 10) for i in range(n_complete)]
     trials.append(trial(n_complete, TrialState.PRUNED, value=0.1))  # pruned ones do not count
-    summary_plots.plot_importances(trials, "maximize", "v", tmp_path / "i.png")
+    param_plots.plot_importances(trials, "maximize", "v", tmp_path / "i.png")
     texts = " ".join(t.get_text() for t in figures[0].axes[0].texts)
     _pyplot().close(figures[0])
     assert (f"Only {n_complete} completed trials: importances are rough" in texts) == rough
@@ -310,17 +311,17 @@ def test_importances_from_few_trials_carry_a_caution(monkeypatch, tmp_path, n_co
 
 def test_curves_are_thinned_evenly_by_rank():
     ranked = [trial(i, value=1 - i / 1000) for i in range(500)]
-    picked = summary_plots.thin_by_rank(ranked, 100)
+    picked = trial_plots.thin_by_rank(ranked, 100)
     assert len(picked) == 100 and picked[0] is ranked[0] and picked[-1] is ranked[-1]
     gaps = np.diff([t.number for t in picked])
     assert gaps.min() >= 4 and gaps.max() <= 6
-    assert summary_plots.thin_by_rank(ranked[:80], 100) == ranked[:80]
+    assert trial_plots.thin_by_rank(ranked[:80], 100) == ranked[:80]
 
     plt = _pyplot()
     fig, ax = plt.subplots()
     states = [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
-    summary_plots._curves_panel(ax, [trial(i, states[i % 3], value=i / 300) for i in range(300)],
-                                "maximize", "v")
+    trial_plots._curves_panel(ax, [trial(i, states[i % 3], value=i / 300) for i in range(300)],
+                              "maximize", "v")
     title, labels = ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
     assert title == "Validation curves of 100 of 300 trials, evenly spaced by rank"

@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from psearch.engine import layout, study as study_lib
 from psearch.engine.config import redact_url
-from psearch.reports import plots
+from psearch.reports import param_plots, plots
 from psearch.reports.best_overall import BestOutcome
 from psearch.reports.tables import (FIXED_COLUMNS, RUN_ATTRS, TOP_K, Snapshot, param_column,
                                     time_stats, top_table)
@@ -60,7 +60,8 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
 
 def _figure_lines(checkpoint_dir: Path, n_complete: int) -> list[str]:
     """One line per figure; the importances carry the figure's caution when trials are few."""
-    caution = plots.importance_caution(n_complete) if n_complete else None  # none: a placeholder
+    # No completed trial: the figure is a placeholder, with nothing to caution about.
+    caution = param_plots.importance_caution(n_complete) if n_complete else None
     return [f"- `{checkpoint_dir / 'summary' / name}`: {what}"
             + (f" — **{caution}**" if caution and name == "param_importances.png" else "")
             for name, what in FIGURES.items()]

@@ -28,7 +28,7 @@ from psearch.engine import (atomic, cli, cmdline, layout, locks, storage as stor
 from psearch.engine.config import DEFAULT_STUDY_NAME, redact_url, resolve_storage
 from psearch.engine.errors import UsageError
 from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
-from psearch.reports import plots
+from psearch.reports import param_plots, plots, trial_plots
 from psearch.reports.best_overall import remove_leftovers, update_best_overall
 from psearch.reports.report import FIGURES, render_report
 from psearch.reports.tables import Snapshot, top_table, trials_table
@@ -105,10 +105,11 @@ def write_figures(snap: Snapshot, out: Path) -> None:
     title = (f"Study {snap.study_name}: {len(snap.trials)} trials ({counts.complete} complete, "
              f"{counts.pruned} pruned, {counts.failed} failed, {counts.running} running)")
     args = (snap.trials, snap.direction, snap.metric)
-    jobs = {"all_trials_comparison.png": lambda p: plots.plot_all_trials(*args, title, p),
-            "hyperparameter_relationships.png": lambda p: plots.plot_hyperparameters(*args, p),
-            "param_importances.png": lambda p: plots.plot_importances(*args, p),
-            "optimization_history.png": lambda p: plots.plot_history(*args, p)}
+    jobs = {"all_trials_comparison.png": lambda p: trial_plots.plot_all_trials(*args, title, p),
+            "hyperparameter_relationships.png":
+                lambda p: param_plots.plot_hyperparameters(*args, p),
+            "param_importances.png": lambda p: param_plots.plot_importances(*args, p),
+            "optimization_history.png": lambda p: param_plots.plot_history(*args, p)}
     for name, draw in jobs.items():
         plots.draw_or_explain(out / name, FIGURES[name], draw)
 

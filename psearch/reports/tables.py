@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from psearch.engine import ownership
 from psearch.engine.layout import trial_dir
-from psearch.reports import plots
+from psearch.reports import trial_plots
 from psearch.writer_id.names import TRIAL_RESULT_KEYS
 
 # User attributes that say where and how a trial ran, kept in all_trials.csv after the metrics.
@@ -77,7 +77,7 @@ def trials_table(trials: Sequence[FrozenTrial], direction: str,
     fixed = list(FIXED_COLUMNS)
     param_names = list(dict.fromkeys(n for t in trials for n in sorted(t.params)))
     rows = []
-    for t in sorted(trials, key=lambda t: plots.rank_key(t, direction)):
+    for t in sorted(trials, key=lambda t: trial_plots.rank_key(t, direction)):
         row: dict[str, Any] = {"number": t.number, "state": t.state.name, "value": t.value,
                                "duration_s": _duration_s(t)}
         row.update({param_column(n, fixed): v for n, v in t.params.items()})
