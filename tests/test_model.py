@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from psearch.engine.errors import UsageError
-from psearch.writer_id import model
+from psearch.writer_id import backbones, model
 from psearch.writer_id.model import ModelSpec, build_model
 from psearch.writer_id.search_space import MAX_SUGGESTED_FREEZE
 
@@ -122,17 +122,17 @@ def test_checkpoints_that_name_the_hyperparameters_hparams_still_load(tmp_path):
 def test_missing_pretrained_weights_raise_one_line_with_the_fix(model_type, file):
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     assert "empty_torch_home" in folder
-    with pytest.raises(model.PretrainedWeightsMissing) as err:
-        model.ensure_pretrained_available(model_type)
+    with pytest.raises(backbones.PretrainedWeightsMissing) as err:
+        backbones.ensure_pretrained_available(model_type)
     message = str(err.value)
     assert isinstance(err.value, UsageError) and "\n" not in message
     for part in (file, folder, "TORCH_HOME", "--no_pretrained", "weights='IMAGENET1K_V1'"):
         assert part in message
-    with pytest.raises(model.PretrainedWeightsMissing):
+    with pytest.raises(backbones.PretrainedWeightsMissing):
         build_model(ModelSpec(model_type, num_classes=2, img_height=32, img_width=128))
-    model.ensure_pretrained_available("small")  # nothing to fetch
+    backbones.ensure_pretrained_available("small")  # nothing to fetch
     with pytest.raises(UsageError, match="unknown model type"):
-        model.ensure_pretrained_available("resnet")
+        backbones.ensure_pretrained_available("resnet")
 
 
 def test_convnext_loads_cached_weights(fake_hub, monkeypatch):
@@ -165,10 +165,10 @@ def test_vit_loads_cached_weights_with_rectangular_patches(fake_hub, monkeypatch
 
 def test_position_embedding_resampling():
     pos = torch.randn(1, 1 + 14 * 14, 8)
-    torch.testing.assert_close(model.resample_pos_embedding(pos, (14, 14)), pos)
+    torch.testing.assert_close(backbones.resample_pos_embedding(pos, (14, 14)), pos)
     # An embedding that varies only along the width must still vary only along the width.
     by_column = torch.randn(1, 1, 14, 8).expand(1, 14, 14, 8).reshape(1, 196, 8)
-    out = model.resample_pos_embedding(torch.cat([pos[:, :1], by_column], 1), (10, 55))
+    out = backbones.resample_pos_embedding(torch.cat([pos[:, :1], by_column], 1), (10, 55))
     grid = out[:, 1:].reshape(10, 55, 8)
     assert out.shape == (1, 551, 8)
     torch.testing.assert_close(grid, grid[:1].expand(10, 55, 8))
@@ -181,7 +181,7 @@ def test_vit_sizes_must_be_multiples_of_the_patch():
     with pytest.raises(UsageError) as err:
         build_model(spec)
     message = str(err.value)
-    assert not isinstance(err.value, model.PretrainedWeightsMissing)
+    assert not isinstance(err.value, backbones.PretrainedWeightsMissing)
     assert "150x1750" in message and "16x32" in message
     assert "144 or 160" in message and "1728 or 1760" in message
 
