@@ -75,8 +75,13 @@ def rank_env(base: Mapping[str, str], rank: int, world_size: int, port: int, fil
     return {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            RESULT_VAR: str(files / "result.json"), ERROR_VAR: str(files / f"rank{rank}.error"),
+            RESULT_VAR: str(files / "result.json"), ERROR_VAR: str(error_file(files, rank)),
             PARENT_VAR: str(parent_pid)}
+
+
+def error_file(files: Path, rank: int) -> Path:
+    """Where rank `rank` leaves its one-line fail reason (pure)."""
+    return files / f"rank{rank}.error"
 
 
 def exit_reason(returncode: int, error_line: str | None) -> str:
@@ -143,9 +148,9 @@ def _watch(procs: list[subprocess.Popen], files: Path, should_stop: Callable[[],
                 time.sleep(POLL_S)
             if should_stop():
                 raise StopRequested("stopped while the ranks ran")
-            rank, code = culprit([(r, c, _mtime(files / f"rank{r}.error")) for r, c in failed])
+            rank, code = culprit([(r, c, _mtime(error_file(files, r))) for r, c in failed])
             raise RankFailed(f"rank {rank} of {world} failed: "
-                             f"{exit_reason(code, _read_line(files / f'rank{rank}.error'))}")
+                             f"{exit_reason(code, _read_line(error_file(files, rank)))}")
         if all(c == 0 for c in codes):
             result = files / "result.json"
             if not result.exists():
