@@ -46,13 +46,13 @@ def test_lr_warms_up_then_decays_to_zero():
     assert lr_factor(0, 0, 10) == 1.0
 
 
-def test_is_better_uses_top1_then_map_and_never_nan():
-    best = {"val_page_top1": 0.5, "val_page_map": 0.4}
-    assert is_better({"val_page_top1": 0.6, "val_page_map": 0.1}, best)
-    assert is_better({"val_page_top1": 0.5, "val_page_map": 0.5}, best)
-    assert not is_better({"val_page_top1": 0.5, "val_page_map": 0.4}, best)
-    assert not is_better({"val_page_top1": float("nan"), "val_page_map": 1.0}, best)
-    assert not is_better({"val_page_top1": float("nan"), "val_page_map": 1.0}, None)
+def test_is_better_uses_the_score_then_map_and_never_nan():
+    assert is_better(0.6, 0.1, 0.5, 0.4)
+    assert is_better(0.5, 0.5, 0.5, 0.4)
+    assert not is_better(0.5, 0.4, 0.5, 0.4)
+    assert not is_better(float("nan"), 1.0, 0.5, 0.4)
+    assert not is_better(float("nan"), 1.0, None, None)
+    assert is_better(0.1, float("nan"), None, None)
 
 
 def _suggest(models, pretrained, seed):

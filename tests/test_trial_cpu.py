@@ -51,19 +51,30 @@ def test_one_real_trial_writes_everything_a_user_reads(data, tmp_path):
         assert (trial_dir / name).is_file(), name
     metrics = json.loads((trial_dir / "metrics.json").read_text())
     assert set(metrics) >= {"val_page_top1", "val_page_top5", "val_page_map", "val_line_acc",
-                            "val_page_cls_acc", "best_epoch", "epochs_run", "status"}
+                            "val_page_cls_acc", "best_epoch", "epochs_run", "status", "value",
+                            "value_low", "value_high", "trial_value"}
+    assert metrics["trial_value"] == "map_smooth3"
+    # the interval is that of the value: it holds it
+    assert metrics["value_low"] <= metrics["value"] <= metrics["value_high"]
     assert metrics["epochs_run"] == 2 and metrics["status"] == "complete"
     history = pd.read_csv(trial_dir / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     best_row = history[history["epoch"] == metrics["best_epoch"]].iloc[0]
     assert best_row["val_page_top1"] == pytest.approx(metrics["val_page_top1"])
+    # two epochs, a window of three: the value is the mean mAP of both, the weights the last's
+    assert metrics["best_epoch"] == 2
+    assert metrics["value"] == pytest.approx(history["val_page_map"].mean())
+    assert list(history["value"]) == pytest.approx(
+        [history["val_page_map"][0], history["val_page_map"].mean()])
     config = json.loads((trial_dir / "config.json").read_text())
     assert config["trial_number"] == 0 and len(config["writers"]) == 4
     assert config["hyperparameters"]["model_type"] == "small"
     (trial,) = load(tmp_path)
     assert trial.state == TrialState.COMPLETE
-    assert trial.value == pytest.approx(metrics["val_page_top1"])
+    assert trial.value == pytest.approx(metrics["value"])
+    assert trial.user_attrs["value_low"] == pytest.approx(metrics["value_low"])
     assert sorted(trial.intermediate_values) == [1, 2]
+    assert trial.intermediate_values[2] == pytest.approx(metrics["value"])
     net, writers, meta = load_best_model(trial_dir / "best_model.pth")
     emb, logits = net(torch.ones(2, 1, 32, 256))
     assert writers == config["writers"] and logits.shape == (2, 4)

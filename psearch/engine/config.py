@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from psearch.engine import layout, paths
 from psearch.engine.errors import UsageError
 from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
-from psearch.writer_id.names import MODEL_CHOICES
+from psearch.writer_id.names import DEFAULT_TRIAL_VALUE, MODEL_CHOICES, TRIAL_VALUES
 
 DEFAULT_STUDY_NAME = "writer_id_search"
 PRUNER_CHOICES = ("median", "asha", "hyperband", "none")
@@ -58,6 +58,9 @@ class SearchConfig:
     keep_last: bool = False
     pruner: str = "median"
     gpus_per_trial: int = 1
+    trial_value: str = DEFAULT_TRIAL_VALUE
+    confirm_top: int = 0
+    confirm_seeds: int = 0
 
     @property
     def storage_url(self) -> str:
@@ -145,7 +148,13 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
       "order (default: all writers)")
     a("--epochs", type=int, default=d.epochs, help=f"maximum epochs per trial (default: {d.epochs})")
     a("--patience", type=int, default=d.patience, help="early-stopping patience in epochs without a "
-      f"better validation page top-1 (default: {d.patience})")
+      f"better trial value score (see --trial_value) (default: {d.patience})")
+    a("--trial_value", default=d.trial_value, choices=TRIAL_VALUES, help="how a trial's value is "
+      "read off its validation curve (also what is reported for pruning, what early stopping "
+      "waits for, and which epoch's weights become best_model.pth): map_smooth3 is the best mean "
+      "page mAP over 3 consecutive epochs, *_best the single best epoch, map_last3 the last 3 "
+      "epochs; a study made before this flag existed used top1_best "
+      f"(default: {d.trial_value})")
     a("--batch_size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
     a("--img_height", type=int, default=d.img_height, help="line image height after resizing "
       f"(default: {d.img_height})")
@@ -183,6 +192,12 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
       "with DistributedDataParallel, one process per device: the launcher gives each worker K "
       "GPUs (K CPU processes with --cpu_workers); the batch size stays per device "
       f"(default: {d.gpus_per_trial})")
+    a("--confirm_top", type=int, default=d.confirm_top, help="once --n_trials have finished, "
+      "run the K best hyperparameter sets again with other seeds (--confirm_seeds) and choose by "
+      "the mean over each set's runs; raising it on a rerun runs only the difference "
+      f"(default: {d.confirm_top}, no confirmation)")
+    a("--confirm_seeds", type=int, default=None, help="how many more seeds each "
+      "confirmed set runs with (default: 2 when --confirm_top is given, else 0)")
     a("--trial_timeout", type=float, default=None, help="seconds a trial may run; a trial past it "
       "fails with reason 'timeout', its processes are killed and the worker starts the next trial "
       "(default: no limit)")
@@ -235,6 +250,7 @@ def config_from_args(ns: argparse.Namespace,
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
            f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
     _check(ns.gpus_per_trial >= 1, f"--gpus_per_trial must be at least 1, got {ns.gpus_per_trial}")
+    confirm_top, confirm_seeds = confirmation(ns.confirm_top, ns.confirm_seeds)
     if ns.trial_timeout is not None:
         _check(ns.trial_timeout > 0, f"--trial_timeout must be more than 0 seconds, got "
                f"{ns.trial_timeout:g}")
@@ -252,7 +268,24 @@ def config_from_args(ns: argparse.Namespace,
         objective=absolute_objective(ns.objective), direction=ns.direction,
         cache_dir=str(cache_dir) if cache_dir else None,
         heartbeat_grace=ns.heartbeat_grace, trial_timeout=ns.trial_timeout,
-        keep_last=bool(ns.keep_last), pruner=ns.pruner, gpus_per_trial=ns.gpus_per_trial)
+        keep_last=bool(ns.keep_last), pruner=ns.pruner, gpus_per_trial=ns.gpus_per_trial,
+        trial_value=ns.trial_value, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
+
+
+DEFAULT_CONFIRM_SEEDS = 2
+
+
+def confirmation(top: int, seeds: int | None) -> tuple[int, int]:
+    """(--confirm_top, --confirm_seeds) checked: (0, 0) when off; the seeds default to
+    DEFAULT_CONFIRM_SEEDS when only --confirm_top is given (pure but for the error)."""
+    _check(top >= 0, f"--confirm_top must be 0 or more, got {top}")
+    if top == 0:
+        _check(not seeds, f"--confirm_seeds {seeds} needs --confirm_top K (how many of the best "
+               "sets to run again); add --confirm_top 3, say")
+        return 0, 0
+    seeds = DEFAULT_CONFIRM_SEEDS if seeds is None else seeds
+    _check(seeds >= 1, f"--confirm_seeds must be at least 1 with --confirm_top {top}, got {seeds}")
+    return top, seeds
 
 
 def absolute_objective(spec: str | None) -> str | None:
@@ -277,7 +310,8 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
         argv += ["--num_writers_subset", str(cfg.num_writers_subset)]
     for flag in ("epochs", "patience", "batch_size", "img_height", "img_width", "seed",
                  "num_workers", "max_val_pages_per_writer", "lines_per_writer", "study_name",
-                 "direction", "heartbeat_grace", "pruner", "gpus_per_trial"):
+                 "direction", "heartbeat_grace", "pruner", "gpus_per_trial", "trial_value",
+                 "confirm_top", "confirm_seeds"):
         argv += [f"--{flag}", str(getattr(cfg, flag))]
     argv += ["--models", ",".join(cfg.models)]
     if cfg.no_pretrained:

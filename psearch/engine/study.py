@@ -21,6 +21,7 @@ from psearch.engine import faults, ownership, storage as storage_lib
 from psearch.engine.config import SearchConfig, absolute_objective, redact_url
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopRequested
+from psearch.writer_id.names import LEGACY_TRIAL_VALUE
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def search_settings(cfg: SearchConfig, writers: Sequence[str] | None) -> dict[st
             "data_root": cfg.data_root, "writers": list(writers or []),
             "img_height": cfg.img_height, "img_width": cfg.img_width, "epochs": cfg.epochs,
             "models": list(cfg.models),
-            "max_val_pages_per_writer": cfg.max_val_pages_per_writer}
+            "max_val_pages_per_writer": cfg.max_val_pages_per_writer,
+            "trial_value": cfg.trial_value}
 
 
 def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
@@ -151,10 +153,13 @@ def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], wh
 
 
 def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings with a custom objective's file made absolute: older versions stored the path as
-    typed, so `obj.py:f` then and `/abs/obj.py:f` now are the same objective."""
+    """Settings as this version writes them: a custom objective's file made absolute (older
+    versions stored the path as typed, so `obj.py:f` then and `/abs/obj.py:f` now are the same
+    objective); a built-in study from before --trial_value measured top1_best."""
     objective = settings.get("objective")
-    if not isinstance(objective, str) or objective == BUILTIN_OBJECTIVE:
+    if objective == BUILTIN_OBJECTIVE:
+        return {"trial_value": LEGACY_TRIAL_VALUE, **settings}
+    if not isinstance(objective, str):
         return dict(settings)
     return {**settings, "objective": absolute_objective(objective)}
 

@@ -46,12 +46,13 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     try:
         data = make_bundle(cfg, *load_index(cfg))
         hp, number = spec["hyperparameters"], int(spec["trial_number"])
-        torch.manual_seed(cfg.seed)   # DistributedDataParallel also copies rank 0's weights
+        seed = int(spec.get("seed", cfg.seed))
+        torch.manual_seed(seed)   # DistributedDataParallel also copies rank 0's weights
         model = model_lib.build_model(model_spec(hp, len(data.writers), cfg))
         trial_dir = layout.trial_dir(cfg.checkpoint_dir, number)
-        trainer = Trainer(model, data, train_config(hp, cfg, int(spec["num_workers"])),
+        trainer = Trainer(model, data, train_config(hp, cfg, int(spec["num_workers"]), seed),
                           dist.device, trial_dir,
-                          {**trial_record(number, hp, cfg),
+                          {**trial_record(number, hp, cfg, seed),
                            "title": rank_title(number, hp, dist.world_size)}, dist=dist)
         resume = Path(spec["resume_from"]) if spec["resume_from"] else None
         if not dist.is_main:

@@ -53,27 +53,35 @@ def _macro_mean(values: np.ndarray, writers: np.ndarray) -> float:
     return float(np.mean(per_writer)) if per_writer else float("nan")
 
 
+def retrieval_queries(descriptors: np.ndarray, page_writers: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Leave-one-out page retrieval per query: (query page indices, their writers, top-1 hit
+    0/1, top-5 hit 0/1, average precision) - empty when no page has another of its writer."""
+    writers = np.asarray(page_writers)
+    if len(writers) != len(descriptors):
+        raise ValueError(f"{len(descriptors)} page descriptors but {len(writers)} page writers")
+    if len(writers) < 2:
+        empty = np.zeros(0)
+        return np.zeros(0, dtype=int), writers[:0], empty, empty, empty
+    ranked = _rankings(descriptors)
+    relevant = writers[ranked] == writers[:, None]
+    queries = np.flatnonzero(relevant.any(axis=1))
+    rel = relevant[queries]
+    ap = np.array([average_precision(r) for r in rel], dtype=float)
+    return (queries, writers[queries], rel[:, 0].astype(float),
+            rel[:, :5].any(axis=1).astype(float), ap)
+
+
 def retrieval_metrics(descriptors: np.ndarray, page_writers: np.ndarray) -> dict[str, float]:
     """Leave-one-out page retrieval {"top1", "top5", "map"}, macro-averaged over writers.
 
     Queries whose writer has no other page are left out (they stay in the gallery as
     distractors); NaN when no query is left.
     """
-    writers = np.asarray(page_writers)
-    if len(writers) != len(descriptors):
-        raise ValueError(f"{len(descriptors)} page descriptors but {len(writers)} page writers")
-    nan = {"top1": float("nan"), "top5": float("nan"), "map": float("nan")}
-    if len(writers) < 2:
-        return nan
-    ranked = _rankings(descriptors)
-    relevant = writers[ranked] == writers[:, None]
-    queries = relevant.any(axis=1)
-    if not queries.any():
-        return nan
-    rel, qw = relevant[queries], writers[queries]
-    ap = np.array([average_precision(r) for r in rel])
-    return {"top1": _macro_mean(rel[:, 0].astype(float), qw),
-            "top5": _macro_mean(rel[:, :5].any(axis=1).astype(float), qw),
+    _, qw, top1, top5, ap = retrieval_queries(descriptors, page_writers)
+    if len(qw) == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "map": float("nan")}
+    return {"top1": _macro_mean(top1, qw), "top5": _macro_mean(top5, qw),
             "map": _macro_mean(ap, qw)}
 
 
@@ -106,13 +114,20 @@ def classification_metrics(line_logits: np.ndarray, line_labels: np.ndarray,
 
 
 def evaluate_embeddings(line_embeddings: np.ndarray, line_logits: np.ndarray,
-                        line_labels: np.ndarray, line_page_ids: np.ndarray) -> dict[str, float]:
-    """All validation metrics of one pass: page retrieval from embeddings plus classification."""
-    _, descriptors = page_descriptors(line_embeddings, line_page_ids)
+                        line_labels: np.ndarray, line_page_ids: np.ndarray,
+                        queries: dict | None = None) -> dict[str, float]:
+    """All validation metrics of one pass: page retrieval from embeddings plus classification.
+    `queries`, when given, receives the per-query figures ("page_ids", "writers", "top1", "ap")
+    that the trial value's interval resamples."""
+    page_ids, descriptors = page_descriptors(line_embeddings, line_page_ids)
     labels = np.asarray(line_labels)
     # np.unique's sorted order matches page_descriptors': take each page's label from any line.
     _, first_line = np.unique(np.asarray(line_page_ids), return_index=True)
-    retrieval = retrieval_metrics(descriptors, labels[first_line])
-    return {"page_top1": retrieval["top1"], "page_top5": retrieval["top5"],
-            "page_map": retrieval["map"],
-            **classification_metrics(line_logits, line_labels, line_page_ids)}
+    idx, qw, top1, top5, ap = retrieval_queries(descriptors, labels[first_line])
+    if queries is not None:
+        queries.update(page_ids=page_ids[idx], writers=qw, top1=top1, ap=ap)
+    nan = float("nan")
+    retrieval = ({"page_top1": _macro_mean(top1, qw), "page_top5": _macro_mean(top5, qw),
+                  "page_map": _macro_mean(ap, qw)} if len(qw) else
+                 {"page_top1": nan, "page_top5": nan, "page_map": nan})
+    return {**retrieval, **classification_metrics(line_logits, line_labels, line_page_ids)}

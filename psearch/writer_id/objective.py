@@ -1,8 +1,10 @@
 """The built-in objective: one Optuna trial trains one writer-identification model.
 
 The trial suggests hyperparameters (search_space.py), builds the model (model.py), trains it
-(train.py) on the shared, preprocessed data (dataset.py), reports validation page top-1 each epoch
-for pruning, and returns the best epoch's page top-1. Everything the trial makes goes to its folder.
+(train.py) on the shared, preprocessed data (dataset.py), reports its score each epoch for pruning,
+and returns the trial value (trial_value.py: by default the best mean validation page mAP over 3
+consecutive epochs). Everything the trial makes goes to its folder. The training seed is the
+trial's `seed` user attribute (`--seed`, or another one for a confirmation run).
 
 With --gpus_per_trial K > 1 the worker suggests the hyperparameters, then runs the training as K
 ranks under DistributedDataParallel (`engine/ranks.py` starts and watches them,
@@ -100,21 +102,22 @@ def model_spec(hp: dict[str, Any], num_classes: int, cfg: SearchConfig) -> model
         dropout=hp["dropout"], drop_path=hp["drop_path"], freeze=hp["freeze"])
 
 
-def train_config(hp: dict[str, Any], cfg: SearchConfig, num_workers: int) -> TrainConfig:
-    """Training knobs from a trial's hyperparameters and the run's fixed settings."""
+def train_config(hp: dict[str, Any], cfg: SearchConfig, num_workers: int,
+                 seed: int) -> TrainConfig:
+    """Training knobs from a trial's hyperparameters, its seed and the run's fixed settings."""
     return TrainConfig(
         epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=hp["lr"],
         weight_decay=hp["weight_decay"], loss=hp["loss"], label_smoothing=hp["label_smoothing"],
         focal_gamma=hp["focal_gamma"], mixup_alpha=hp["mixup_alpha"],
         triplet_weight=hp["triplet_weight"], triplet_margin=hp["triplet_margin"],
         warmup_epochs=hp["warmup_epochs"], grad_clip=hp["grad_clip"], num_workers=num_workers,
-        seed=cfg.seed, lines_per_writer=cfg.lines_per_writer)
+        seed=seed, lines_per_writer=cfg.lines_per_writer, trial_value=cfg.trial_value)
 
 
 def fit_trial(trial: optuna.Trial, trainer: Trainer, trial_dir: Path,
               resume_path: Path | None) -> float:
     """Train, reporting each epoch to `trial` (pruning), and leave the trial's final metrics
-    (metrics.json, user attributes, the curve plot) whatever happens; the best page top-1."""
+    (metrics.json, user attributes, the curve plot) whatever happens; the trial value."""
     status = "failed"
     try:
         result = trainer.fit(lambda e, row: on_epoch(trial, trainer, e, row), resume_path)
@@ -127,16 +130,16 @@ def fit_trial(trial: optuna.Trial, trainer: Trainer, trial_dir: Path,
         raise
     finally:
         finish(trial, trainer, trial_dir, status)
-    return float(result["val_page_top1"])
+    return float(result["value"])
 
 
 def on_epoch(trial: optuna.Trial, trainer: Trainer, epoch: int, row: dict[str, float]) -> None:
     """Report to Optuna, keep metrics.json current, then the pruning check."""
-    trial.report(row["val_page_top1"], epoch)
+    trial.report(row["value"], epoch)
     atomic.write_json(Path(trainer.out_dir) / "metrics.json", trainer.result("running"))
     if trial.should_prune():
-        raise optuna.TrialPruned(f"pruned at epoch {epoch} (val page top-1 "
-                                 f"{row['val_page_top1']:.4f})")
+        raise optuna.TrialPruned(f"pruned at epoch {epoch} (score {row['value']:.4f}, "
+                                 f"{trainer.definition.name})")
 
 
 def finish(trial: optuna.Trial, trainer: Trainer, trial_dir: Path, status: str) -> None:
@@ -175,14 +178,21 @@ def rank_title(number: int, hp: dict[str, Any], world_size: int) -> str:
     return f"Trial {number} ({hp['model_type']}, {world_size} devices)"
 
 
-def trial_record(trial_number: int, hp: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
+def trial_seed(trial: optuna.Trial, cfg: SearchConfig) -> int:
+    """The seed this trial trains with: its `seed` user attribute (set when it was claimed; a
+    confirmation run has its own), else --seed."""
+    return int(trial.user_attrs.get("seed", cfg.seed))
+
+
+def trial_record(trial_number: int, hp: dict[str, Any], cfg: SearchConfig,
+                 seed: int) -> dict[str, Any]:
     """What config.json and the checkpoints share (evaluate.py reads "settings")."""
     return {"trial_number": trial_number, "hyperparameters": hp, "settings": cfg.to_dict(),
-            "world_size": cfg.gpus_per_trial}
+            "seed": seed, "world_size": cfg.gpus_per_trial}
 
 
 class WriterObjective:
-    """Callable objective(trial, trial_dir) -> validation page top-1 of the best epoch."""
+    """Callable objective(trial, trial_dir) -> the trial value (trial_value.py)."""
 
     def __init__(self, cfg: SearchConfig, stop: StopFlag, cpu_threads: int | None = None):
         self.cfg, self.stop = cfg, stop
@@ -221,29 +231,30 @@ class WriterObjective:
         hp = suggest_hparams(trial, cfg.models, pretrained=not cfg.no_pretrained,
                              epochs=cfg.epochs)
         resumed_from = trial.user_attrs.get("resumed_from")
-        record = trial_record(trial.number, hp, cfg)
+        seed = trial_seed(trial, cfg)
+        record = trial_record(trial.number, hp, cfg, seed)
         device = (str(self.device) if self.world_size == 1 else
                   f"{self.world_size} x {self.device.type}")
         atomic.write_json(trial_dir / "config.json", {
             **record, "writers": list(self.writers), "resumed_from": resumed_from,
-            "device": device})
+            "device": device, "confirms": trial.user_attrs.get("confirms")})
         logger.info("Trial %d hyperparameters: %s", trial.number, hp)
         resume_path = self._resume_source(trial, trial_dir, resumed_from)
         if data is None:
-            return self._run_ranks(trial, trial_dir, hp, resume_path)
-        torch.manual_seed(cfg.seed)   # the same initial weights for the same hyperparameters
+            return self._run_ranks(trial, trial_dir, hp, resume_path, seed)
+        torch.manual_seed(seed)   # the same initial weights for the same hyperparameters and seed
         trainer = Trainer(model_lib.build_model(model_spec(hp, len(data.writers), cfg)), data,
-                          train_config(hp, cfg, self.num_workers), self.device, trial_dir,
+                          train_config(hp, cfg, self.num_workers, seed), self.device, trial_dir,
                           {**record, "title": f"Trial {trial.number} ({hp['model_type']})"},
                           stop_check=self.stop.check)
         return fit_trial(trial, trainer, trial_dir, resume_path)
 
     def _run_ranks(self, trial: optuna.Trial, trial_dir: Path, hp: dict[str, Any],
-                   resume_path: Path | None) -> float:
+                   resume_path: Path | None, seed: int) -> float:
         """Train as `world_size` ranks; rank 0 reports to the study and hands back the value."""
         threads = max(1, self.threads // self.world_size)
         spec = {"argv": config_to_argv(self.cfg), "trial_id": trial._trial_id,
-                "trial_number": trial.number, "hyperparameters": hp,
+                "trial_number": trial.number, "hyperparameters": hp, "seed": seed,
                 "resume_from": str(resume_path) if resume_path else None, "threads": threads,
                 "num_workers": loader_processes(self.cfg.num_workers, threads)}
         spec_path = trial_dir / ranks.RANKS_DIR / "spec.json"

@@ -4,9 +4,11 @@ metrics through `on_epoch` (where it may report, prune or stop by raising).
 Batches arrive as uint8 lines and are augmented and scaled where the model runs (on the GPU when
 training there: the data loader does no per-image work, so the GPU does not wait for it). AdamW
 with linear warm-up then cosine decay per step, mixed precision on GPU (bf16 where supported, else
-fp16 with a gradient scaler), gradient clipping, early stopping on validation page top-1, and
-per-epoch checkpoints: `best_model.pth` (the best epoch's weights) and `last.pth` (the
-full state to resume: model, optimiser, scheduler, scaler, epoch, RNG).
+fp16 with a gradient scaler), gradient clipping, and per-epoch checkpoints: `best_model.pth` (the
+weights of the epoch the trial value picks) and `last.pth` (the full state to resume: model,
+optimiser, scheduler, scaler, epoch, RNG). The trial value (`trial_value.py`: by default the best
+mean page mAP over 3 consecutive epochs) is also what each epoch reports and what early stopping
+waits to improve.
 
 On several devices (a `distributed.Dist` of K ranks) the model trains under
 DistributedDataParallel, each rank on its share of the epoch's draws with the batch size per
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from psearch.engine import atomic
-from psearch.writer_id import losses, metrics
+from psearch.writer_id import losses, metrics, trial_value
 from psearch.writer_id.augment import to_unit
 from psearch.writer_id.dataset import ShardSampler, WriterBalancedSampler
 from psearch.writer_id.distributed import Dist, single
@@ -60,6 +62,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 42
     lines_per_writer: int = 300
+    trial_value: str = trial_value.DEFAULT
 
 
 def amp_settings(device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
@@ -113,20 +116,25 @@ def embed(model: WriterNet, loader: DataLoader, device: torch.device
 
 
 def evaluate(model: WriterNet, loader: DataLoader, page_ids: np.ndarray,
-             device: torch.device, prefix: str = "val_") -> dict[str, float]:
-    """Page-level retrieval and classification metrics over one split."""
+             device: torch.device, prefix: str = "val_",
+             queries: dict | None = None) -> dict[str, float]:
+    """Page-level retrieval and classification metrics over one split (`queries` receives the
+    per-query figures, see metrics.evaluate_embeddings)."""
     emb, logits, labels, idx = embed(model, loader, device)
-    found = metrics.evaluate_embeddings(emb, logits, labels, np.asarray(page_ids)[idx])
+    found = metrics.evaluate_embeddings(emb, logits, labels, np.asarray(page_ids)[idx], queries)
     return {f"{prefix}{k}": float(v) for k, v in found.items()}
 
 
-def is_better(new: dict[str, float], best: dict[str, float] | None) -> bool:
-    """Page top-1 decides; page mAP breaks ties (pure). NaN is never better."""
-    if best is None:
-        return not math.isnan(new["val_page_top1"])
-    key_new = (new["val_page_top1"], new["val_page_map"])
-    key_best = (best["val_page_top1"], best["val_page_map"])
-    return not math.isnan(key_new[0]) and key_new > key_best
+def is_better(score: float, tiebreak: float, best_score: float | None,
+              best_tiebreak: float | None) -> bool:
+    """A higher score wins; the tie-break (page mAP) decides equal scores (pure). NaN never wins."""
+    if math.isnan(score):
+        return False
+    if best_score is None or math.isnan(best_score):
+        return True
+    tb = -math.inf if math.isnan(tiebreak) else tiebreak
+    best_tb = -math.inf if best_tiebreak is None or math.isnan(best_tiebreak) else best_tiebreak
+    return (score, tb) > (best_score, best_tb)
 
 
 @dataclasses.dataclass
@@ -134,10 +142,17 @@ class FitState:
     """What changes from epoch to epoch; all of it goes into last.pth."""
 
     epoch: int = 0                       # epochs completed
-    best: dict[str, float] | None = None
+    best: dict[str, float] | None = None  # the picked epoch's metrics and its "value"
     best_epoch: int = 0
-    bad_epochs: int = 0
+    bad_epochs: int = 0                  # epochs since the score last improved
+    best_score: float | None = None      # the best score of an epoch with a full window
+    best_tiebreak: float | None = None   # its page mAP
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    # Per-query page retrieval of every epoch, for the value's interval (plain lists: they go
+    # into last.pth); the queries are the same every epoch, their writers are kept once.
+    query_writers: list[int] = dataclasses.field(default_factory=list)
+    query_top1: list[list[float]] = dataclasses.field(default_factory=list)
+    query_ap: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 class RankEnded(Exception):
@@ -173,6 +188,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, tc.warmup_epochs * steps, tc.epochs * steps))
         self.rng = np.random.default_rng(tc.seed)
         self.state = FitState()
+        self.definition = trial_value.get(tc.trial_value)
 
     # -------------------------------------------------------------- checkpoints
     def save_last(self) -> None:
@@ -201,9 +217,9 @@ class Trainer:
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        logger.info("Resumed from %s after epoch %d (best page top-1 so far %s)", path,
+        logger.info("Resumed from %s after epoch %d (best value so far %s)", path,
                     self.state.epoch, None if self.state.best is None
-                    else f"{self.state.best['val_page_top1']:.4f}")
+                    else f"{self.state.best.get('value', float('nan')):.4f}")
 
     def _save_best(self, row: dict[str, float]) -> None:
         payload = checkpoint_payload(self.model, self.data.writers,
@@ -294,7 +310,8 @@ class Trainer:
                 raise RankEnded(f"rank 0 ended the trial after epoch {epoch}")
             self.state.epoch = epoch
             if decision == "early_stop":
-                logger.info("Early stopping: no better validation page top-1 for %d epochs",
+                logger.info("Early stopping: no better %s for %d epochs",
+                            self.definition.summary or self.definition.name,
                             self.state.bad_epochs)
                 status = "early_stopped"
                 break
@@ -304,36 +321,67 @@ class Trainer:
                    on_epoch: Callable[[int, dict[str, float]], None]) -> None:
         """Rank 0: validate, record (checkpoints, history), then the caller's `on_epoch`."""
         self.stop_check()
-        row.update(evaluate(self.model, self.val_loader, self.data.val_page_ids, self.device))
+        queries: dict[str, np.ndarray] = {}
+        row.update(evaluate(self.model, self.val_loader, self.data.val_page_ids, self.device,
+                            queries=queries))
         row["epoch_time_s"] = time.time() - started
+        self._keep_queries(queries)
         self._record_epoch(row)
         on_epoch(row["epoch"], row)
 
-    def _record_epoch(self, row: dict[str, Any]) -> None:
-        """Update the best epoch, write best_model.pth / last.pth / history.csv, log a line."""
+    def _keep_queries(self, queries: dict[str, np.ndarray]) -> None:
         st = self.state
-        row["is_best"] = is_better(row, st.best)
-        if row["is_best"]:
-            st.best, st.best_epoch, st.bad_epochs = {k: row[k] for k in METRIC_KEYS}, row["epoch"], 0
-            self._save_best(row)
-        else:
+        st.query_writers = [int(w) for w in queries["writers"]]
+        st.query_top1.append([float(v) for v in queries["top1"]])
+        st.query_ap.append([float(v) for v in queries["ap"]])
+
+    def _record_epoch(self, row: dict[str, Any]) -> None:
+        """Score the epoch, update the picked one, write best_model.pth / last.pth /
+        history.csv, log a line."""
+        st = self.state
+        rows = [*st.history, row]
+        scores = self.definition.per_epoch(np.array([r["val_page_top1"] for r in rows]),
+                                           np.array([r["val_page_map"] for r in rows]))
+        row["value"] = value = float(scores[-1])
+        # Before the smoothing window is full an epoch is picked only provisionally (a trial
+        # that ends then keeps its last epoch); from then on only a better score is picked.
+        full = row["epoch"] >= self.definition.window
+        improved = full and is_better(value, row["val_page_map"], st.best_score, st.best_tiebreak)
+        if improved:
+            st.best_score, st.best_tiebreak, st.bad_epochs = value, row["val_page_map"], 0
+        elif full:
             st.bad_epochs += 1
+        row["is_best"] = math.isfinite(value) and (
+            improved or not full or self.definition.pick == "last")
+        if row["is_best"]:
+            st.best = {**{k: row[k] for k in METRIC_KEYS}, "value": value}
+            st.best_epoch = row["epoch"]
+            self._save_best(row)
         st.epoch = row["epoch"]
         st.history.append(row)
         self.save_last()
         self.write_history()
         logger.info("Epoch %d/%d  loss %.4f (cls %.4f, triplet %.4f)  train acc %.3f  |  val page "
-                    "top-1 %.4f top-5 %.4f mAP %.4f  line acc %.3f  page acc %.3f  |  %.1f s%s",
+                    "top-1 %.4f top-5 %.4f mAP %.4f  line acc %.3f  page acc %.3f  |  value %.4f"
+                    "  |  %.1f s%s",
                     row["epoch"], self.tc.epochs, row["train_loss"], row["train_cls_loss"],
                     row["train_triplet_loss"], row["train_acc"], row["val_page_top1"],
                     row["val_page_top5"], row["val_page_map"], row["val_line_acc"],
-                    row["val_page_cls_acc"], row["epoch_time_s"], "  *best*" if row["is_best"] else "")
+                    row["val_page_cls_acc"], row["value"], row["epoch_time_s"],
+                    "  *best*" if row["is_best"] else "")
 
     def result(self, status: str) -> dict[str, Any]:
-        """The trial's metrics: those of its best epoch (NaN before any epoch finished)."""
-        best = self.state.best or {k: float("nan") for k in METRIC_KEYS}
-        return {**best, "best_epoch": self.state.best_epoch, "epochs_run": self.state.epoch,
-                "status": status}
+        """The trial's metrics: those of its picked epoch, the value and its interval (NaN
+        before any epoch finished)."""
+        st = self.state
+        best = dict(st.best) if st.best else {k: float("nan") for k in (*METRIC_KEYS, "value")}
+        low, high = float("nan"), float("nan")
+        if st.best and st.query_top1:
+            low, high = trial_value.bootstrap_interval(
+                self.definition, np.array(st.query_top1), np.array(st.query_ap),
+                np.array(st.query_writers), seed=self.tc.seed)
+        return {**best, "value_low": low, "value_high": high, "trial_value": self.definition.name,
+                "best_epoch": st.best_epoch, "epochs_run": st.epoch, "status": status}
 
     def write_history(self) -> None:
         """history.csv: one row per epoch."""
@@ -364,8 +412,10 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[0].set(title="Training loss", xlabel="epoch", ylabel="loss")
     for key in ("train_acc", "val_line_acc", "val_page_cls_acc", "val_page_top1", "val_page_map"):
         axes[1].plot(ep, [r[key] for r in history], marker=".", label=key)
-    best = max(history, key=lambda r: (r["val_page_top1"], r["val_page_map"]))
-    axes[1].axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best epoch {best['epoch']}")
+    picked = [r["epoch"] for r in history if r.get("is_best")] or [ep[-1]]
+    if "value" in history[0]:
+        axes[1].plot(ep, [r["value"] for r in history], color="black", lw=2, label="trial value")
+    axes[1].axvline(picked[-1], color="grey", ls="--", lw=1, label=f"picked epoch {picked[-1]}")
     axes[1].set(title="Accuracy and page retrieval", xlabel="epoch", ylabel="value", ylim=(0, 1.02))
     axes[2].plot(ep, [r["lr"] for r in history], marker=".")
     axes[2].set(title="Learning rate (at epoch start)", xlabel="epoch", ylabel="lr")
