@@ -150,9 +150,47 @@ def ddp_section(f: dict) -> list[str]:
     return out
 
 
+def trial_value_section(f: dict) -> list[str]:
+    def fig(value: Any, digits: int = 3) -> Any:
+        return None if value is None or value != value else round(value, digits)
+
+    rows = [{"name": f"**`{name}`**" if name == f["winner"] else f"`{name}`",
+             "summary": d["summary"], "agreement": fig(d["agreement"]),
+             "agreement_own": fig(d["agreement_own"]),
+             "pick": f"{fig(d['test_map_of_pick'])} / {fig(d['test_top1_of_pick'])}",
+             "spearman": fig(d["spearman"]), "seed_sd": fig(d["seed_sd"]),
+             "set_spread": fig(d["set_spread"]), "epoch": fig(d["mean_epoch"], 1)}
+            for name, d in f["definitions"].items()]
+    return ["## 7. Which trial value picks the hyperparameters that are best over seeds "
+            "(`bench/trial_value.py`)", "",
+            f"{f['sets']} sets of hyperparameters from the built-in space (model `small`, from "
+            f"scratch), each trained under {f['seeds']} seeds for {f['epochs']} epochs (no "
+            f"pruning, no early stopping) on synthetic similar writers (`--similarity 0.75`): "
+            f"{f['writers']} writers, {f['val_pages']} validation and {f['test_pages']} test "
+            f"pages, {f['size']}, {f['lines_per_writer']} training lines per writer per epoch. "
+            "Truth of a set: the mean over its seeds of the test page mAP of its last third of "
+            f"epochs. {f['searches']} simulated searches each compare {f['search_size']} sets, "
+            "one seed run each, and keep the one the definition values most. Agreement: how "
+            "often that is the set best by truth (chance: "
+            f"{1 / f['search_size']:.2f}); own: best by the definition's mean over seeds. Pick: "
+            "test page mAP / top-1 of the kept run's best_model.pth (the epoch the definition "
+            "chose). Spearman: single-seed values against truth across sets, mean over seeds. "
+            "Seed sd: spread of a set's value over seeds; set spread: of the sets' means.", "",
+            *table(rows, [("name", "definition"), ("summary", "what it is"),
+                          ("agreement", "agreement"), ("agreement_own", "agreement (own)"),
+                          ("pick", "test mAP / top-1 of the pick"), ("spearman", "Spearman"),
+                          ("seed_sd", "seed sd"), ("set_spread", "set spread"),
+                          ("epoch", "mean chosen epoch")]),
+            f"Winner: **`{f['winner']}`** (highest agreement; ties: higher test mAP of the pick), "
+            f"from {f['sets']} x {f['seeds']} runs in {f['seconds']} s. The simulated searches "
+            "all reuse these few runs: they are not independent, and other sets or seeds would "
+            "move the agreements by more than the simulation's own error.", ""]
+
+
 SECTIONS = (("cache", cache_section), ("augment", augment_section),
             ("throughput", throughput_section), ("pruners", pruner_section),
-            ("launcher", launcher_section), ("ddp", ddp_section))
+            ("launcher", launcher_section), ("ddp", ddp_section),
+            ("trial_value", trial_value_section))
 
 
 def render(info: dict, figures: dict, errors: dict, timings: Sequence[dict],

@@ -40,6 +40,9 @@ BENCHMARKS = (
     ("ddp", "ddp_scaling.py", ["--repeats", "2"],
      ["--repeats", "1", "--trials", "1", "--epochs", "1", "--height", "32", "--width", "256",
       "--writers", "4", "--lines_per_writer", "16"]),
+    ("trial_value", "trial_value.py", ["--sets", "10", "--seeds", "3", "--epochs", "8"],
+     ["--sets", "3", "--seeds", "2", "--epochs", "3", "--writers", "4", "--searches", "200",
+      "--search_size", "2"]),
 )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import numpy as np
 import pytest
 from optuna.trial import TrialState
 
@@ -20,6 +21,7 @@ import gpu_check_report  # noqa: E402
 import launcher_vs_optuna  # noqa: E402
 import pruners  # noqa: E402
 import results_md  # noqa: E402
+import trial_value as tv_bench  # noqa: E402
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, 0)
 
@@ -85,6 +87,15 @@ FIGURES["ddp"] = {"device": "cpu", "repeats": 2, "trials": 2, "epochs": 3, "mode
                             "lines_per_s": 50.0, "epoch_speedup": 1.0},
                            {"k": 2, "trials": 4, "wall_s": 26.0, "epochs_s": 20.0, "other_s": 6.0,
                             "lines_per_s": 75.0, "epoch_speedup": 1.5}]}
+FIGURES["trial_value"] = {
+    "sets": 10, "seeds": 3, "epochs": 8, "writers": 12, "val_pages": 48, "test_pages": 48,
+    "searches": 4000, "search_size": 4, "size": "32x320", "lines_per_writer": 40,
+    "seconds": 300, "winner": "map_smooth3",
+    "definitions": {name: {"summary": f"what {name} is", "agreement": a, "agreement_own": 0.8,
+                           "test_map_of_pick": 0.61234, "test_top1_of_pick": 0.7, "spearman": s,
+                           "seed_sd": 0.02, "set_spread": 0.05, "mean_epoch": 6.25}
+                    for name, a, s in (("top1_best", 0.41, float("nan")),
+                                       ("map_smooth3", 0.72, 0.8))}}
 LAUNCHER = {"workers": 8, "repeats": 3, "cores": 2, "ray_tune": "not installed",
             "scenarios": {"160 x 0.5 s": [
                 {"method": "launcher", "runs": 3, "finished": "160", "wall_s": 17.2,
@@ -164,3 +175,108 @@ def test_gpu_check_report_from_what_the_check_leaves(tmp_path):
     assert "85 / 90 (2 samples)" in text and "| 31000 of 143771 |" in text
     assert "| convnext | 160x1760 | 16 | 500.0 | bf16 autocast | 5.8 |" in text
     assert text.rstrip().endswith("2 passed in 3.1s")
+
+
+# ---------------------------------------------------------------- bench/trial_value.py
+
+def curves_of(val_top1, val_map, test_map):
+    """[sets, seeds, epochs] curves from per-set [epochs] lists, the same under every seed."""
+    arr = lambda rows: np.repeat(np.array(rows, float)[:, None, :], 2, axis=1)  # noqa: E731
+    return {"val_page_top1": arr(val_top1), "val_page_map": arr(val_map),
+            "test_page_top1": arr(test_map), "test_page_map": arr(test_map)}
+
+
+def test_trial_value_a_value_that_is_the_truth_agrees_always_and_its_reverse_never():
+    target = np.array([0.1, 0.4, 0.2, 0.3])
+    searches = tv_bench.draw_searches(4, 2, searches=300, size=3, seed=1)
+    assert searches.sets.shape == searches.seeds.shape == (300, 3)
+    assert all(len(set(row)) == 3 for row in searches.sets.tolist())   # distinct sets
+    assert set(searches.seeds.ravel().tolist()) == {0, 1}
+    exact = np.repeat(target[:, None], 2, axis=1)
+    assert tv_bench.agreement(exact, target, searches) == 1.0
+    assert tv_bench.agreement(-exact, target, searches) == 0.0
+    # seed noise smaller than the gaps between sets changes nothing; a run without a value
+    # (NaN) never wins a search
+    noisy = exact + np.array([[0.01, -0.01]] * 4)
+    noisy[1, 0] = np.nan
+    assert tv_bench.agreement(noisy, target, searches) < 1.0
+    assert tv_bench.agreement(noisy, np.nanmean(noisy, axis=1), searches) < 1.0
+    assert tv_bench.agreement(exact + np.array([[0.01, -0.01]] * 4), target, searches) == 1.0
+
+
+def test_trial_value_a_first_epoch_spike_fools_the_best_epoch_not_the_smoothed_value():
+    # set 0 improves steadily; set 1 has one lucky first epoch on the validation pages, then
+    # stays poor, on the test pages too
+    curves = curves_of(val_top1=[[0.5, 0.6, 0.7, 0.7, 0.8, 0.8], [1.0, 0.3, 0.3, 0.3, 0.3, 0.3]],
+                       val_map=[[0.5, 0.6, 0.7, 0.75, 0.8, 0.8], [0.9, 0.3, 0.3, 0.3, 0.3, 0.3]],
+                       test_map=[[0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [0.5, 0.2, 0.2, 0.2, 0.2, 0.2]])
+    assert tv_bench.truth(curves["test_page_map"]).tolist() == pytest.approx([0.85, 0.2])
+    searches = tv_bench.draw_searches(2, 2, searches=50, size=2)
+    fig = tv_bench.compare(curves, searches)
+    assert fig["top1_best"]["agreement"] == fig["map_best"]["agreement"] == 0.0
+    assert fig["top1_best"]["test_map_of_pick"] == pytest.approx(0.5)     # set 1, epoch 1
+    assert fig["top1_best"]["mean_epoch"] == pytest.approx((1 + 5) / 2)   # 1 for set 1, 5 for 0
+    for name in ("map_smooth3", "top1_smooth3", "mix_smooth3", "map_last3"):
+        assert fig[name]["agreement"] == fig[name]["agreement_own"] == 1.0
+    assert fig["map_smooth3"]["test_map_of_pick"] == pytest.approx(0.8)   # epochs 4-6: epoch 5
+    assert fig["map_last3"]["test_map_of_pick"] == pytest.approx(0.9)     # the last epoch
+    assert fig["map_smooth3"]["spearman"] == 1.0 and fig["top1_best"]["spearman"] == -1.0
+    assert fig["map_smooth3"]["seed_sd"] == 0.0      # the same curve under both seeds
+    assert tv_bench.winner(fig) in ("map_smooth3", "top1_smooth3", "mix_smooth3", "map_last3")
+
+
+def test_trial_value_winner_breaks_ties_by_the_test_map_of_the_pick():
+    fig = {"a": {"agreement": 0.5, "test_map_of_pick": 0.9},
+           "b": {"agreement": 0.7, "test_map_of_pick": 0.1},
+           "c": {"agreement": 0.7, "test_map_of_pick": 0.2},
+           "d": {"agreement": 0.7, "test_map_of_pick": float("nan")}}
+    assert tv_bench.winner(fig) == "c"
+
+
+def test_trial_value_ranks_spearman_and_spreads_match_the_references():
+    stats = pytest.importorskip("scipy.stats")
+    x = np.array([0.3, 0.1, 0.3, 0.7, 0.1, 0.2])
+    assert tv_bench.ranks(x).tolist() == stats.rankdata(x).tolist()
+    truth = np.array([0.5, 0.2, 0.4, 0.9, 0.1, 0.3])
+    values = np.column_stack([x, truth[::-1]])
+    expected = np.mean([stats.spearmanr(values[:, r], truth)[0] for r in range(2)])
+    assert tv_bench.spearman(values, truth) == pytest.approx(expected)
+    assert np.isnan(tv_bench.spearman(np.ones((6, 2)), truth))         # nothing varies
+    spread = np.array([[1.0, 3.0], [5.0, 7.0]])
+    assert tv_bench.seed_sd(spread) == pytest.approx(np.sqrt(2))
+    assert tv_bench.set_spread(spread) == pytest.approx(np.sqrt(8))
+    assert np.isnan(tv_bench.seed_sd(spread[:, :1]))                   # one seed: no spread
+
+
+def test_trial_value_runs_become_curves_with_nan_where_a_run_stopped():
+    row = {k: 0.5 for k in tv_bench.CURVES}
+    results = [{"set": 1, "seed_index": 0, "rows": [row, row]},
+               {"set": 0, "seed_index": 1, "rows": [row]}]
+    curves = tv_bench.assemble(results, sets=2, seeds=2, epochs=2)
+    assert curves["test_page_map"].shape == (2, 2, 2)
+    assert curves["val_page_map"][1, 0].tolist() == [0.5, 0.5]
+    assert curves["val_page_map"][0, 1, 0] == 0.5 and np.isnan(curves["val_page_map"][0, 1, 1])
+    assert np.isnan(curves["val_page_map"][0, 0]).all()
+    # a run that never finished an epoch has no value and no chosen epoch
+    values, chosen = tv_bench.apply_definition(tv_bench.tv.get("map_smooth3"),
+                                               curves["val_page_top1"], curves["val_page_map"])
+    assert np.isnan(values[0, 0]) and chosen[0, 0] == -1 and chosen[0, 1] == 0
+    assert np.isnan(tv_bench.at_epoch(curves["test_page_map"], chosen)[0, 0])
+
+
+def test_trial_value_flags_are_checked_before_anything_runs(capsys):
+    assert tv_bench.main(["--pages_per_writer", "9"]) == 2
+    assert "--pages_per_writer 9 gives 2 validation and 1 test pages per writer; retrieval " \
+        "needs 2 of each: pass 10 or more" in capsys.readouterr().err
+    assert tv_bench.main(["--sets", "3", "--search_size", "4"]) == 2
+    assert "--search_size 4 must be from 2 to --sets (3)" in capsys.readouterr().err
+
+
+def test_results_file_has_the_trial_value_comparison():
+    info = {"cpu": "AMD EPYC", "cores": 2}
+    text = results_md.render(info, FIGURES, {}, [])
+    assert "## 7. Which trial value picks" in text and "(chance: 0.25)" in text
+    assert ("| **`map_smooth3`** | what map_smooth3 is | 0.72 | 0.8 | 0.612 / 0.7 | 0.8 | 0.02 "
+            "| 0.05 | 6.2 |") in text
+    assert "| `top1_best` | what top1_best is | 0.41 | 0.8 | 0.612 / 0.7 | - |" in text
+    assert "Winner: **`map_smooth3`**" in text and "12 writers, 48 validation and 48 test" in text

@@ -97,6 +97,9 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
         f"Trials per {'GPU' if gpus else 'worker'}: "
         f"~{trials_per_worker(to_run, len(gpus) or len(slots))} "
         "(one shared budget: a free worker takes the next trial)",
+        *([f"Confirmation: then the {cfg.confirm_top} best sets again with {cfg.confirm_seeds} "
+            f"other seed(s) each ({cfg.confirm_top * cfg.confirm_seeds} runs), chosen by mean"]
+          if cfg.confirm_top else []),
         f"CPU threads per worker: {threads}",
         f"Checkpoint dir: {cfg.checkpoint_dir}",
         f"Data root: {cfg.data_root or '(not used by this objective)'}",

@@ -309,18 +309,22 @@ def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
                 status: progress.StatusLine) -> tuple[int, bool]:
     """Start the workers (unless the budget is already reached), supervise them, report; the
     exit code, and whether the disk filled up."""
-    from psearch.engine import faults, study as study_lib
+    from psearch.engine import confirm, faults, study as study_lib
 
-    counts = study_lib.count_trials(study.get_trials(deepcopy=False), job.cfg.direction)
-    if counts.finished >= job.cfg.n_trials:
-        say(status, f"The study already holds {counts.finished}/{job.cfg.n_trials} finished "
-            "trials: nothing to run (raise --n_trials to run more)")
+    trials = study.get_trials(deepcopy=False)
+    counts = study_lib.count_trials(trials, job.cfg.direction)
+    left = study_lib.budget(trials, job.cfg.n_trials, study_lib.Confirmation.of(job.cfg))
+    if left.complete:
+        say(status, f"The study already holds {left.finished}/{job.cfg.n_trials} finished "
+            "trials" + (f" and {left.confirm_done}/{left.confirm_planned} confirmation runs"
+                        if job.cfg.confirm_top else "")
+            + ": nothing to run (raise --n_trials or --confirm_top/--confirm_seeds to run more)")
         return 0, False
     if interrupts.count:
         return 128 + interrupts.signum, False
-    ctl = start_workers(job, status, counts)
+    ctl = start_workers(job, status, study_lib.count_trials(confirm.search_trials(trials)))
     run = Run(job=job, study=study, ctl=ctl, interrupts=interrupts, status=status,
-              finished_at_start=counts.finished)
+              finished_at_start=left.done)
     supervise(run)
     # Every worker of ours has ended: a trial of this run still RUNNING has no one behind it.
     try:

@@ -32,9 +32,12 @@ def eta_s(finished: int, finished_at_start: int, n_trials: int, elapsed_s: float
 
 
 def status_line(counts: Any, n_trials: int, elapsed_s: float, eta: float | None,
-                per_trial: str = "") -> str:
+                per_trial: str = "", finished: int | None = None,
+                confirming: tuple[int, int] | None = None) -> str:
     """'7/24 finished | 4 running | 1 pruned | 0 failed | best 0.8123 (trial 5) | …' (pure);
-    'running (2 GPUs per trial)' when each trial holds several devices (`per_trial`).
+    'running (2 GPUs per trial)' when each trial holds several devices (`per_trial`);
+    'confirming 3/6' once the search is over and confirmation runs (`confirming`: runs over,
+    runs planned). `finished`: the search's finished trials (default counts.finished).
 
     `counts` is a study.Counts (finished, running, pruned, failed, best_value, best_number).
     """
@@ -42,7 +45,9 @@ def status_line(counts: Any, n_trials: int, elapsed_s: float, eta: float | None,
     if counts.best_value is not None:
         best = f"best {counts.best_value:.4g} (trial {counts.best_number})"
     running = f"{counts.running} running" + (f" ({per_trial})" if per_trial else "")
-    return (f"{counts.finished}/{n_trials} finished | {running} | "
+    done = counts.finished if finished is None else min(finished, n_trials)
+    confirm = f" | confirming {confirming[0]}/{confirming[1]}" if confirming else ""
+    return (f"{done}/{n_trials} finished{confirm} | {running} | "
             f"{counts.pruned} pruned | {counts.failed} failed | {best} | "
             f"{format_duration(elapsed_s)} elapsed | ETA {format_duration(eta)}")
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import faults, ownership, storage as storage_lib
+from psearch.engine import confirm, faults, ownership, storage as storage_lib
 from psearch.engine.config import SearchConfig, absolute_objective, redact_url
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopRequested
@@ -219,9 +219,74 @@ def best_complete(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial 
     return min(done, key=lambda t: (sign * t.value, t.number))
 
 
+def best_answer(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The trial the search hands back: after confirmation, the best run of the set with the best
+    mean over its runs; otherwise the best COMPLETE trial (pure)."""
+    return confirm.chosen_trial(trials, direction) or best_complete(trials, direction)
+
+
 def budget_left(counts: Counts, n_trials: int) -> int:
     """Trials that may still start: running ones count, since each may finish (pure)."""
     return max(0, n_trials - counts.finished - counts.running)
+
+
+@dataclasses.dataclass(frozen=True)
+class Confirmation:
+    """What --confirm_top/--confirm_seeds ask for (top 0: none)."""
+
+    top: int = 0
+    seeds: int = 0
+    base_seed: int = 42
+    direction: str = "maximize"
+
+    @classmethod
+    def of(cls, cfg: SearchConfig) -> "Confirmation":
+        return cls(cfg.confirm_top, cfg.confirm_seeds, cfg.seed, cfg.direction)
+
+    def slots(self, trials: Sequence[FrozenTrial]) -> list[confirm.Slot]:
+        return confirm.planned_slots(trials, self.top, self.seeds, self.base_seed, self.direction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Where the study stands against what was asked: the search's --n_trials, then the
+    confirmation runs (pure data, from `budget`)."""
+
+    n_trials: int
+    finished: int          # the search's finished trials
+    startable: int         # trials that may start now (the search's, else confirmation's)
+    confirm_planned: int = 0   # confirmation runs wanted (K x S until the leaders are known)
+    confirm_done: int = 0      # of them, over (finished, or failed for good)
+    confirming: bool = False   # the search is over and confirmation runs
+
+    @property
+    def total(self) -> int:
+        return self.n_trials + self.confirm_planned
+
+    @property
+    def done(self) -> int:
+        return min(self.finished, self.n_trials) + self.confirm_done
+
+    @property
+    def complete(self) -> bool:
+        return self.finished >= self.n_trials and self.confirm_done >= self.confirm_planned
+
+
+def budget(trials: Sequence[FrozenTrial], n_trials: int,
+           confirmation: Confirmation = Confirmation()) -> Budget:
+    """The study's budget: the search first, then confirmation once the search is over (pure)."""
+    own = confirm.search_trials(trials)
+    counts = count_trials(own)
+    left = budget_left(counts, n_trials)
+    if confirmation.top <= 0:
+        return Budget(n_trials, counts.finished, left)
+    if not confirm.search_over(trials, n_trials):
+        return Budget(n_trials, counts.finished, left, confirmation.top * confirmation.seeds)
+    slots = confirmation.slots(trials)
+    runs = confirm.confirmation_trials(trials)
+    startable = len(confirm.open_slots(trials, slots)) + len(pending_retries(runs))
+    return Budget(n_trials, counts.finished, startable, len(slots),
+                  confirm.resolved(trials, slots, will_rerun), confirming=True)
 
 
 def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any],
@@ -244,42 +309,64 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any]
         trials = study.get_trials(deepcopy=False)
         if recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace, trials):
             trials = study.get_trials(deepcopy=False)
-        step, retry = claim_step(trials, owner, cfg.n_trials)
+        step, retry = claim_step(trials, owner, cfg.n_trials, Confirmation.of(cfg))
         if step == "none":
             return None
         if step == "ask":  # a trial enqueued by hand: ask() takes the oldest
             trial = study.ask()
             if not _owned_by(trial, owner):
-                for key, value in owner.items():
+                for key, value in {**owner, confirm.SEED: cfg.seed}.items():
                     trial.set_user_attr(key, value)
             return trial
         if step == "create":
-            trial_id = study._storage.create_new_trial(study._study_id,
-                                                       template_trial=_template(owner, retry))
+            trial_id = study._storage.create_new_trial(
+                study._study_id, template_trial=_template({**owner, confirm.SEED: cfg.seed},
+                                                          retry))
             if retry is not None:
                 logger.info("Trial %d (%s) runs again as a new trial with the same "
                             "hyperparameters", retry.number, _reason(retry))
+        elif step == "confirm":
+            trial_id = study._storage.create_new_trial(
+                study._study_id, template_trial=_confirm_template(owner, retry))
+            logger.info("Confirming trial %d's hyperparameters with seed %d", retry.confirms,
+                        retry.seed)
         else:  # an earlier call created our trial, then lost the answer to a storage error
             trial_id = next(t._trial_id for t in trials if t.state == TrialState.RUNNING
                             and _owned_by(t, owner))
     # What ask() does once it has the trial (its cache of trials would be one trial old); the
     # trial is ours already, so the lock is not held while the sampler reads the study.
     study._thread_local.cached_all_trials = None
-    return optuna.Trial(study, trial_id)
+    return confirm.never_pruned(optuna.Trial(study, trial_id))
 
 
-def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any],
-               n_trials: int) -> tuple[str, FrozenTrial | None]:
+def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any], n_trials: int,
+               confirmation: Confirmation = Confirmation()) -> tuple[str, Any]:
     """What a claim does with these trials (pure): 'take' the RUNNING trial this owner already
-    holds, 'none' when no budget is left, 'ask' for a trial enqueued by hand, or 'create' a new
-    one (rerunning the returned FAIL trial, if any)."""
+    holds, 'none' when no budget is left, 'ask' for a trial enqueued by hand, 'create' a new
+    one (rerunning the returned FAIL trial, if any), or, once the search is over, 'create' the
+    rerun of a confirmation run or 'confirm' the returned open confirm.Slot."""
     if any(t.state == TrialState.RUNNING and _owned_by(t, owner) for t in trials):
         return "take", None
-    if budget_left(count_trials(trials), n_trials) <= 0:
+    own = confirm.search_trials(trials)
+    if budget_left(count_trials(own), n_trials) > 0:
+        if any(t.state == TrialState.WAITING for t in own):
+            return "ask", None
+        return "create", next_retry(own)
+    if confirmation.top <= 0 or not confirm.search_over(trials, n_trials):
         return "none", None
-    if any(t.state == TrialState.WAITING for t in trials):
-        return "ask", None
-    return "create", next_retry(trials)
+    runs = confirm.confirmation_trials(trials)
+    retry = next_retry(runs)
+    if retry is not None:
+        return "create", retry
+    slots = confirm.open_slots(trials, confirmation.slots(trials))
+    return ("confirm", slots[0]) if slots else ("none", None)
+
+
+def _confirm_template(owner: Mapping[str, Any], slot: confirm.Slot) -> FrozenTrial:
+    """A confirmation run: RUNNING from now, the set's hyperparameters fixed, its seed."""
+    return optuna.trial.create_trial(
+        state=TrialState.RUNNING, system_attrs={"fixed_params": dict(slot.params)},
+        user_attrs={**owner, confirm.CONFIRMS: slot.confirms, confirm.SEED: slot.seed})
 
 
 def _template(owner: Mapping[str, Any], retry: FrozenTrial | None) -> FrozenTrial:
@@ -303,22 +390,30 @@ def _reason(t: FrozenTrial) -> str:
 
 def next_retry(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     """The oldest FAIL trial that should run again and is not yet queued or rerun (pure)."""
+    pending = pending_retries(trials)
+    return pending[0] if pending else None
+
+
+def pending_retries(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The FAIL trials that should run again and are not yet rerun, oldest first (pure)."""
     taken = {t.user_attrs.get("resumed_from") for t in trials}
-    for t in sorted(trials, key=lambda t: t.number):
-        if t.state != TrialState.FAIL or t.number in taken or _reason(t) not in RETRYABLE_REASONS:
-            continue
-        if retry_user_attrs(t)["attempt"] > MAX_ATTEMPTS:
-            continue
-        return t
-    return None
+    return [t for t in sorted(trials, key=lambda t: t.number)
+            if t.state == TrialState.FAIL and t.number not in taken and will_rerun(t)]
+
+
+def will_rerun(t: FrozenTrial) -> bool:
+    """Whether a FAIL trial runs again: it failed for a reason not its own, and has attempts left."""
+    return _reason(t) in RETRYABLE_REASONS and retry_user_attrs(t)["attempt"] <= MAX_ATTEMPTS
 
 
 def retry_user_attrs(t: FrozenTrial) -> dict[str, Any]:
-    """User attributes of the trial that reruns `t`: its origin and attempt count (pure)."""
+    """User attributes of the trial that reruns `t`: its origin and attempt count, and what makes
+    it the same run (its seed, the set a confirmation run repeats) (pure)."""
     attempt = int(t.user_attrs.get("attempt", 1))
     if _reason(t) != INTERRUPTED:
         attempt += 1
-    return {"resumed_from": t.number, "attempt": attempt}
+    same = {k: t.user_attrs[k] for k in (confirm.CONFIRMS, confirm.SEED) if k in t.user_attrs}
+    return {"resumed_from": t.number, "attempt": attempt, **same}
 
 
 def failures_in_row(trials: Sequence[FrozenTrial], run: str, worker: str) -> int:

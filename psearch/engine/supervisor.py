@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from psearch.engine import devices, errors, faults, layout, ownership, progress
 from psearch.engine.config import SearchConfig, redact_url
@@ -68,17 +68,21 @@ def final_exit_code(finished: int, n_trials: int, usage_error: bool,
 
 
 def after_workers(finished: int, running: int, n_trials: int, restartable: int,
-                  no_wait: bool) -> str:
+                  no_wait: bool, startable: int | None = None) -> str:
     """What a launcher whose workers have all ended does next (pure). `running` trials are other
-    launchers' (ours have ended); `restartable` workers ended only for want of budget.
+    launchers' (ours have ended); `restartable` workers ended only for want of budget;
+    `startable`: trials that may start now (default: what n_trials leaves).
 
     'finished': the study holds n_trials; 'restart': budget opened again (a trial elsewhere failed
-    or its launcher died) and we have workers to take it; 'wait' / 'leave' (--no_wait): other
-    launchers' trials still run; 'stuck': nothing runs anywhere and we cannot start a trial.
+    or its launcher died, or confirmation runs can start) and we have workers to take it; 'wait'
+    / 'leave' (--no_wait): other launchers' trials still run; 'stuck': nothing runs anywhere and
+    we cannot start a trial.
     """
     if finished >= n_trials:
         return "finished"
-    if n_trials - finished - running > 0 and restartable:
+    if startable is None:
+        startable = n_trials - finished - running
+    if startable > 0 and restartable:
         return "restart"
     if running == 0:
         return "stuck"
@@ -126,6 +130,7 @@ class Run:
     storage_trouble: str | None = None  # the storage error being retried, logged once
     waiting_for: int | None = None  # other launchers' trials this launcher waits for
     left_to_others: int = 0  # trials still running elsewhere when this launcher left (--no_wait)
+    budget: Any = None  # study.Budget as last read (refresh_status)
 
     @property
     def cfg(self) -> SearchConfig:
@@ -153,6 +158,7 @@ def supervise(run: Run) -> None:
                 on_exit(run, ended)
             if not run.ctl.active() and not keep_going(run):
                 return
+            reopen_while_busy(run)
             if time.monotonic() >= run.next_refresh:
                 refresh_status(run)
                 run.next_refresh = time.monotonic() + refresh_s
@@ -197,11 +203,13 @@ def keep_going(run: Run) -> bool:
         return True
     run.next_check = time.monotonic() + WAIT_POLL_S
     study_lib.recover_dead_trials(run.study, run.job.host, run.cfg.heartbeat_grace)
-    counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
-    step = after_workers(counts.finished, counts.running, run.cfg.n_trials, len(run.done),
-                         run.job.ns.no_wait)
+    trials = run.study.get_trials(deepcopy=False)
+    counts = study_lib.count_trials(trials, run.cfg.direction)
+    left = study_lib.budget(trials, run.cfg.n_trials, study_lib.Confirmation.of(run.cfg))
+    step = after_workers(left.done, counts.running, left.total, len(run.done),
+                         run.job.ns.no_wait, left.startable)
     if step == "restart":
-        restart_done_workers(run, study_lib.budget_left(counts, run.cfg.n_trials))
+        restart_done_workers(run, left.startable)
     elif step == "wait":
         if run.waiting_for is None:
             logger.info("This launcher's workers are done; waiting for %d trial(s) of other "
@@ -215,6 +223,22 @@ def keep_going(run: Run) -> bool:
         logger.error("No trial runs anywhere and this launcher has no worker left to start one")
     run.waiting_for = None
     return step == "restart"
+
+
+def reopen_while_busy(run: Run) -> None:
+    """Some workers still run and others ended for want of budget: start those again when trials
+    may start now (the search ended and confirmation runs can go on every free device)."""
+    from psearch.engine import study as study_lib
+
+    if run.stopping or not run.done or run.cfg.confirm_top <= 0:
+        return
+    if time.monotonic() < run.next_check:
+        return
+    run.next_check = time.monotonic() + WAIT_POLL_S
+    left = study_lib.budget(run.study.get_trials(deepcopy=False), run.cfg.n_trials,
+                            study_lib.Confirmation.of(run.cfg))
+    if left.startable > 0:
+        restart_done_workers(run, left.startable)
 
 
 def restart_done_workers(run: Run, budget: int) -> None:
@@ -293,14 +317,20 @@ def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
     """Read the study (cheap: Optuna's cached storage reads only what changed), show the line."""
     from psearch.engine import study as study_lib
 
-    counts = study_lib.count_trials(run.study.get_trials(deepcopy=False), run.cfg.direction)
+    trials = run.study.get_trials(deepcopy=False)
+    counts = study_lib.count_trials(trials, run.cfg.direction)
+    left = study_lib.budget(trials, run.cfg.n_trials, study_lib.Confirmation.of(run.cfg))
     elapsed = time.monotonic() - run.started
-    eta = progress.eta_s(counts.finished, run.finished_at_start, run.cfg.n_trials, elapsed)
-    line = progress.status_line(counts, run.cfg.n_trials, elapsed, eta,
-                                devices.per_trial_words(run.job.slots, run.cfg.gpus_per_trial))
+    eta = progress.eta_s(left.done, run.finished_at_start, left.total, elapsed)
+    line = progress.status_line(
+        counts, run.cfg.n_trials, elapsed, eta,
+        devices.per_trial_words(run.job.slots, run.cfg.gpus_per_trial),
+        finished=left.finished,
+        confirming=(left.confirm_done, left.confirm_planned) if left.confirming else None)
     if run.waiting_for is not None:
         line += f" | waiting for {run.waiting_for} trial(s) of other launchers"
     run.status.update(line, force_log)
+    run.budget = left
     return counts
 
 
@@ -308,14 +338,18 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     """Print the outcome (and how to resume) and return the exit code."""
     counts = refresh_status(run, force_log=True)
     run.status.close()
-    n = run.cfg.n_trials
-    code = final_exit_code(counts.finished, n, run.usage_error, run.stop_signal,
+    n, left = run.cfg.n_trials, run.budget
+    code = final_exit_code(left.done, left.total, run.usage_error, run.stop_signal,
                            left_to_others=run.left_to_others > 0, disk_full=run.disk_full)
     best = (f"best value {counts.best_value:.6g} (trial {counts.best_number})"
             if counts.best_value is not None else "no completed trial yet")
-    lines = [RULE, f"{counts.finished}/{n} trials finished ({counts.complete} complete, "
+    lines = [RULE, f"{min(left.finished, n)}/{n} trials finished ({counts.complete} complete, "
              f"{counts.pruned} pruned; {counts.failed} failed runs); {best}"]
-    if code == 0 and counts.finished < n:
+    if run.cfg.confirm_top:
+        lines.append(f"Confirmation: {left.confirm_done}/{left.confirm_planned} runs over "
+                     f"(the {run.cfg.confirm_top} best sets x {run.cfg.confirm_seeds} seeds); the "
+                     "choice by mean is in summary/report.md")
+    if code == 0 and not left.complete:
         lines.append(f"{run.left_to_others} trial(s) still run on other launchers: they finish "
                      "the search (--no_wait)")
     if code == 2:

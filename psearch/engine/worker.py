@@ -214,9 +214,11 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
         if stop.requested:  # it came while the trial was being claimed: the trial must not run
             record_end(study, trial, TrialState.FAIL, None, study_lib.INTERRUPTED)
             break
-        logger.info("Trial %d started%s", trial.number,
+        logger.info("Trial %d started%s%s", trial.number,
                     f" (resumes trial {trial.user_attrs['resumed_from']})"
-                    if "resumed_from" in trial.user_attrs else "")
+                    if "resumed_from" in trial.user_attrs else "",
+                    f" (confirms trial {trial.user_attrs['confirms']} with seed "
+                    f"{trial.user_attrs.get('seed')})" if "confirms" in trial.user_attrs else "")
         on_timeout = functools.partial(_time_out, study, trial, cfg, who, stop,
                                        watchdog.boot_ticks(), cwd)
         state, reason = run_one_trial(study, trial, objective, cfg, stop, on_timeout)

@@ -1,5 +1,7 @@
-"""best_overall/: the best COMPLETE trial's files (model, config, metrics), replaced by an atomic
-folder swap only when the best changes, and that model's one evaluation on the held-out test split.
+"""best_overall/: the files (model, config, metrics) of the trial the search hands back (the best
+COMPLETE trial, or after confirmation the best run of the set with the best mean), replaced by an
+atomic folder swap only when it changes, and that model's one evaluation on the held-out test
+split; after confirmation also the mean and sd of the test figures over the set's models.
 
 The evaluation is the built-in objective's (`psearch.writer_id.evaluate`), imported only when there
 is a model and a test split to evaluate: it loads torch, which nothing else in the reports does.
@@ -17,7 +19,9 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from psearch.engine import atomic, layout, study as study_lib
+import statistics
+
+from psearch.engine import atomic, confirm, layout, study as study_lib
 from psearch.reports.tables import Snapshot, trial_folder, trial_metrics
 
 logger = logging.getLogger("summarize")
@@ -81,20 +85,22 @@ def remove_leftovers(checkpoint_dir: Path) -> None:
 def update_best_overall(snap: Snapshot, checkpoint_dir: Path) -> BestOutcome:
     """Copy the best COMPLETE trial into best_overall/ (atomic swap) if it changed."""
     target = layout.best_dir(checkpoint_dir)
-    best = study_lib.best_complete(snap.trials, snap.direction)
+    best = study_lib.best_answer(snap.trials, snap.direction)
     if best is None:
         state = "left as it was" if target.exists() else "not created"
         return BestOutcome(f"best_overall/ {state}: no trial has completed yet.")
     test_dir = held_out_split(snap.settings)
+    models = set_models(snap, checkpoint_dir)
     if names_best(target, best, snap):
         outcome = BestOutcome(f"best_overall/ already holds trial {best.number}: unchanged.",
                               has_model=(target / "best_model.pth").is_file())
-        return _test_existing(target, outcome, test_dir, snap.settings)
+        return _test_existing(target, outcome, test_dir, snap.settings, models)
     staging = checkpoint_dir / f".best_overall.new-{atomic.process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         has_model = stage_best(staging, best, snap, checkpoint_dir)
-        tested = _evaluate_into(staging, snap.settings) if has_model and test_dir else None
+        tested = (_evaluate_into(staging, snap.settings, models) if has_model and test_dir
+                  else None)
         retired = atomic.swap_in_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only if staging or the swap failed
@@ -104,14 +110,17 @@ def update_best_overall(snap: Snapshot, checkpoint_dir: Path) -> BestOutcome:
 
 
 def _test_existing(target: Path, outcome: BestOutcome, test_dir: Path | None,
-                   settings: dict[str, Any]) -> BestOutcome:
-    """An unchanged best is evaluated on the test split only if that was never done."""
+                   settings: dict[str, Any], models: dict[int, Path]) -> BestOutcome:
+    """An unchanged best is evaluated on the test split only if that was never done (or, after
+    confirmation, not over the set's models as they are now)."""
     if test_dir is None or not outcome.has_model:
         return dataclasses.replace(outcome, test_note=_test_note(outcome.has_model, test_dir, None))
     path = target / "test_metrics.json"
     with contextlib.suppress(OSError, ValueError):
-        return dataclasses.replace(outcome, test_metrics=json.loads(path.read_text()))
-    tested = _evaluate_into(target, settings)
+        stored = json.loads(path.read_text())
+        if (stored.get("set") or {}).get("trials", []) == sorted(models):
+            return dataclasses.replace(outcome, test_metrics=stored)
+    tested = _evaluate_into(target, settings, models)
     return dataclasses.replace(outcome, test_metrics=tested,
                                test_note=_test_note(True, test_dir, tested))
 
@@ -134,26 +143,62 @@ def held_out_split(settings: dict[str, Any]) -> Path | None:
     return test_dir if test_dir.is_dir() else None
 
 
-def evaluate_on_test(best_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """Page top-1/top-5/mAP of best_dir/best_model.pth on the test split; None if unavailable."""
+def evaluate_on_test(model_path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Page top-1/top-5/mAP of a best_model.pth on the test split; None if unavailable."""
     try:
         # imports torch: only here, only when there is something to evaluate
         evaluate = importlib.import_module("psearch.writer_id.evaluate")
     except ImportError as exc:
         logger.warning("Test split not evaluated: the evaluate module is not available (%s)", exc)
         return None
-    logger.info("Evaluating the best model once on the held-out test split of %s",
+    logger.info("Evaluating %s once on the held-out test split of %s", model_path,
                 settings.get("data_root"))
     try:
-        return dict(evaluate.evaluate_checkpoint(str(best_dir / "best_model.pth"), split="test",
+        return dict(evaluate.evaluate_checkpoint(str(model_path), split="test",
                                                  data_root=settings.get("data_root")))
     except Exception as exc:  # the summary must still be written
         logger.warning("Test split not evaluated: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def _evaluate_into(best_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    result = evaluate_on_test(best_dir, settings)
-    if result is not None:
-        atomic.write_json(best_dir / "test_metrics.json", {"split": "test", **result})
-    return result
+# The test figures averaged over a confirmed set's models.
+SET_FIGURES = ("page_top1", "page_top5", "page_map", "page_cls_acc", "line_acc")
+
+
+def set_models(snap: Snapshot, checkpoint_dir: Path) -> dict[int, Path]:
+    """After confirmation: the chosen set's runs and their best_model.pth (trial number -> path),
+    those that left one; empty without confirmation."""
+    results = confirm.set_results(snap.trials, snap.direction, study_lib.will_rerun)
+    if not results:
+        return {}
+    by_number = {t.number: t for t in snap.trials}
+    paths = {n: trial_folder(by_number[n], checkpoint_dir) / "best_model.pth"
+             for n, _ in results[0].runs}
+    return {n: p for n, p in sorted(paths.items()) if p.is_file()}
+
+
+def set_statistics(figures: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sd over the set's models of each test figure (pure); sd needs two models."""
+    mean, sd = {}, {}
+    for key in SET_FIGURES:
+        values = [float(f[key]) for f in figures.values()
+                  if f.get(key) is not None and f[key] == f[key]]
+        if values:
+            mean[key] = statistics.fmean(values)
+            sd[key] = statistics.stdev(values) if len(values) >= 2 else None
+    return {"trials": sorted(figures), "n": len(figures), "mean": mean, "sd": sd,
+            "per_trial": {str(n): {k: f.get(k) for k in SET_FIGURES} for n, f in
+                          sorted(figures.items())}}
+
+
+def _evaluate_into(best_dir: Path, settings: dict[str, Any],
+                   models: dict[int, Path] | None = None) -> dict[str, Any] | None:
+    result = evaluate_on_test(best_dir / "best_model.pth", settings)
+    if result is None:
+        return None
+    record = {"split": "test", **result}
+    if models:
+        figures = {n: evaluate_on_test(path, settings) for n, path in models.items()}
+        record["set"] = set_statistics({n: f for n, f in figures.items() if f is not None})
+    atomic.write_json(best_dir / "test_metrics.json", record)
+    return record

@@ -10,12 +10,13 @@ from typing import Any, Sequence
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import layout, study as study_lib
+from psearch.engine import confirm, layout, study as study_lib
 from psearch.engine.config import redact_url
 from psearch.reports import param_plots, plots
 from psearch.reports.best_overall import BestOutcome
 from psearch.reports.tables import (FIXED_COLUMNS, RUN_ATTRS, TOP_K, Snapshot, param_column,
                                     time_stats, top_table)
+from psearch.writer_id.names import INTERVAL_KEYS
 
 # report.md's top table stays narrow enough for a Markdown viewer; top5_trials.csv has it all.
 REPORT_METRICS = 3
@@ -46,9 +47,16 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
              f"{device_hours:.2f} device-hours ({_hms(device_hours * 3600)}) in ended trials",
              ""]
     lines += _best_section(snap, outcome, checkpoint_dir)
+    sets = confirm.set_results(snap.trials, snap.direction, study_lib.will_rerun)
+    if sets:
+        lines += ["", "## Confirmation: the leading sets over seeds", ""]
+        lines += confirmation_section(sets, snap.direction, outcome.test_metrics)
     lines += ["", f"## Top {TOP_K} trials", ""]
     params = sorted({param_column(n, FIXED_COLUMNS) for t in snap.trials for n in t.params})
-    lines += top_section(top_table(table), params)
+    top = top_table(table)
+    lines += top_section(top, params)
+    if not sets:
+        lines += overlap_advice(top, snap.direction)
     lines += ["", "## Files", ""]
     lines += _figure_lines(checkpoint_dir, counts.complete)
     lines += [f"- `{checkpoint_dir / 'summary' / 'all_trials.csv'}`, `top5_trials.csv`: tables, "
@@ -74,8 +82,11 @@ def top_section(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
         return ["No completed trial yet."]
     params = [p for p in params if p in top.columns and top[p].notna().any()]
     metrics = _report_metrics(top, params)
-    header = ["#", "trial", "value", "duration", *(_short(m, 20) for m in metrics)]
-    rows = [[str(rank), str(row["number"]), _cell(row["value"]), _duration_cell(row["duration_s"]),
+    intervals = has_intervals(top)
+    header = ["#", "trial", "value", *(["95% interval"] if intervals else []), "duration",
+              *(_short(m, 20) for m in metrics)]
+    rows = [[str(rank), str(row["number"]), _cell(row["value"]),
+             *([_interval_cell(row)] if intervals else []), _duration_cell(row["duration_s"]),
              *(_cell(row[m]) for m in metrics)] for rank, (_, row) in enumerate(top.iterrows(), 1)]
     shared = [p for p in params if top[p].notna().all()
               and top[p].map(_cell).nunique() == 1] if len(top) > 1 else []
@@ -91,7 +102,8 @@ def top_section(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
 def _report_metrics(top: pd.DataFrame, params: Sequence[str]) -> list[str]:
     """The first few numeric metric columns that the top trials have (the objective's key
     metrics come first in the table)."""
-    skip = {*FIXED_COLUMNS, *params, *RUN_ATTRS, "datetime_start", "datetime_complete"}
+    skip = {*FIXED_COLUMNS, *params, *RUN_ATTRS, *INTERVAL_KEYS, "datetime_start",
+            "datetime_complete"}
     numeric = [c for c in top.columns if c not in skip and top[c].notna().any()
                and pd.api.types.is_numeric_dtype(top[c])]
     return numeric[:REPORT_METRICS]
@@ -160,11 +172,19 @@ def _fail_reasons(trials: Sequence[FrozenTrial]) -> list[str]:
 
 
 def _best_section(snap: Snapshot, outcome: BestOutcome, checkpoint_dir: Path) -> list[str]:
-    best = study_lib.best_complete(snap.trials, snap.direction)
+    best = study_lib.best_answer(snap.trials, snap.direction)
     lines = ["## Best trial", ""]
     if best is None:
         return lines + [f"No completed trial yet. {outcome.message}"]
-    lines += [f"Trial {best.number}: {snap.metric} = {best.value:.6g}", ""]
+    low, high = (best.user_attrs.get(k) for k in INTERVAL_KEYS)
+    interval = f" (95% interval {low:.4g}–{high:.4g})" if _finite(low, high) else ""
+    how = ""
+    if confirm.chosen_trial(snap.trials, snap.direction) is not None:
+        origin = best.user_attrs.get(confirm.CONFIRMS)
+        how = (", the best run of the set with the best mean over seeds ("
+               + (f"a confirmation run of trial {origin}'s set, seed {best.user_attrs.get('seed')})"
+                  if origin is not None else "the set's own search trial)"))
+    lines += [f"Trial {best.number}: {snap.metric} = {best.value:.6g}{interval}{how}", ""]
     lines += [f"- `{name}`: {value!r}" for name, value in best.params.items()]
     lines += ["", outcome.message]
     if not outcome.has_model:
@@ -192,3 +212,83 @@ def _test_line(m: dict[str, Any], path: Path) -> str:
             f", mAP {fmt('page_map')}, page classification accuracy {fmt('page_cls_acc')} "
             f"(`{path}`).")
 
+
+
+# ---------------------------------------------------------------- how sure the answer is
+
+def _finite(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and v == v for v in values)
+
+
+def has_intervals(top: pd.DataFrame) -> bool:
+    """Whether the trials carry the value's interval (the built-in objective writes it)."""
+    return all(k in top.columns for k in INTERVAL_KEYS) and top[INTERVAL_KEYS[0]].notna().any()
+
+
+def _interval_cell(row: pd.Series) -> str:
+    low, high = (row[k] for k in INTERVAL_KEYS)
+    return f"{plots.compact_number(low)}–{plots.compact_number(high)}" if _finite(low, high) \
+        else "-"
+
+
+def overlapping_leaders(top: pd.DataFrame, direction: str) -> list[int]:
+    """The top trials whose 95% interval reaches the leader's value's interval, the leader
+    first (pure); one number (the leader alone) when none does, empty without intervals."""
+    if not len(top) or not has_intervals(top):
+        return []
+    low, high = (top.iloc[0][k] for k in INTERVAL_KEYS)
+    if not _finite(low, high):
+        return []
+    found = [int(top.iloc[0]["number"])]
+    for _, row in top.iloc[1:].iterrows():
+        other_low, other_high = row[INTERVAL_KEYS[0]], row[INTERVAL_KEYS[1]]
+        if not _finite(other_low, other_high):
+            continue
+        reaches = other_high >= low if direction == "maximize" else other_low <= high
+        if reaches:
+            found.append(int(row["number"]))
+    return found
+
+
+def overlap_advice(top: pd.DataFrame, direction: str) -> list[str]:
+    """One line when the leaders are within each other's intervals, and what to do about it."""
+    leaders = overlapping_leaders(top, direction)
+    if len(leaders) < 2:
+        return [] if not leaders else [
+            "", f"Trial {leaders[0]} leads beyond the 95% intervals (from resampling the "
+            "validation pages) of the others; other seeds may still differ more than pages do."]
+    k = min(len(leaders), 3)
+    names = ", ".join(map(str, leaders[:-1])) + f" and {leaders[-1]}"
+    return ["", f"**Trials {names} are within each other's 95% intervals** (from resampling "
+            "the validation pages): their order may be noise. To choose by the mean over seeds, "
+            f"rerun the same command with `--confirm_top {k} --confirm_seeds 2` "
+            f"({2 * k} more trials)."]
+
+
+def confirmation_section(sets: Sequence[confirm.SetResult], direction: str,
+                         test_metrics: dict[str, Any] | None) -> list[str]:
+    """The confirmed sets ranked by mean value over their runs, next to the search's order."""
+    header = ["#", "set (trial)", "mean", "sd", "n", "runs", "search rank", "search value"]
+    rows = [[str(i), str(r.origin), _cell(r.mean), _cell(r.sd), str(r.n),
+             ", ".join(str(n) for n, _ in r.runs) + (f" (+{r.failed} without value)"
+                                                    if r.failed else ""),
+             str(r.original_rank), _cell(r.original_value)] for i, r in enumerate(sets, 1)]
+    chosen = sets[0]
+    lines = markdown_table(header, rows) + [""]
+    text = (f"Chosen by mean over seeds: the set of trial {chosen.origin} ({_cell(chosen.mean)} "
+            f"± {_cell(chosen.sd)} over {chosen.n} runs); best_overall/ holds its best run, "
+            f"trial {chosen.best_run(direction)}.")
+    search_best = min(sets, key=lambda r: r.original_rank)
+    if search_best.origin != chosen.origin:
+        text += (f" The single-run search had picked trial {search_best.origin}, whose set "
+                 f"averages {_cell(search_best.mean)}.")
+    lines += _wrapped(text, "")
+    figures = (test_metrics or {}).get("set")
+    if figures and figures.get("mean"):
+        mean, sd = figures["mean"], figures["sd"]
+        parts = [f"{key.replace('_', ' ')} {mean[key]:.4f}" + (
+            f" ± {sd[key]:.4f}" if sd.get(key) is not None else "")
+            for key in ("page_top1", "page_map") if key in mean]
+        lines += [""] + _wrapped(f"Held-out test split over the set's {figures['n']} models: "
+                                 + ", ".join(parts) + ".", "")
+    return lines

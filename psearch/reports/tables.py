@@ -19,7 +19,7 @@ from psearch.reports import trial_plots
 from psearch.writer_id.names import TRIAL_RESULT_KEYS
 
 # User attributes that say where and how a trial ran, kept in all_trials.csv after the metrics.
-RUN_ATTRS = ("worker", "attempt", "resumed_from", "fail_reason")
+RUN_ATTRS = ("worker", "seed", "confirms", "attempt", "resumed_from", "fail_reason")
 # Bookkeeping that identifies a process, not a trial's result: left out of tables and metrics.
 PROCESS_ATTRS = (*ownership.OWNER_KEYS, "checkpoint_dir", "heartbeat_at")
 TOP_K = 5
@@ -100,8 +100,9 @@ def param_column(name: str, fixed: Sequence[str]) -> str:
 
 
 def top_table(table: pd.DataFrame, k: int = TOP_K) -> pd.DataFrame:
-    """The k best COMPLETE trials (the table is already best first)."""
-    return table[table["state"] == TrialState.COMPLETE.name].head(k)
+    """The k best COMPLETE trials of the search (the table is already best first); confirmation
+    runs repeat them and are compared by set in the report."""
+    return table[(table["state"] == TrialState.COMPLETE.name) & table["confirms"].isna()].head(k)
 
 
 def time_stats(trials: Sequence[FrozenTrial]) -> tuple[float, float]:
