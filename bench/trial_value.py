@@ -160,11 +160,14 @@ def truth(test_map: np.ndarray) -> np.ndarray:
 
 def apply_definition(definition: tv.Definition, val_top1: np.ndarray,
                      val_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """([sets, seeds] values, [sets, seeds] 0-based chosen epochs; -1 for none) of every run."""
+    """([sets, seeds] values, [sets, seeds] 0-based chosen epochs; -1 for none) of every run,
+    each from the epochs it ran (a run that stopped early is NaN after its last epoch)."""
     values = np.full(val_top1.shape[:2], np.nan)
     chosen = np.full(val_top1.shape[:2], -1, dtype=int)
     for i, r in np.ndindex(*val_top1.shape[:2]):
-        values[i, r], chosen[i, r] = definition.choose(val_top1[i, r], val_map[i, r])
+        ran = np.flatnonzero(np.isfinite(val_top1[i, r]) | np.isfinite(val_map[i, r]))
+        n = ran[-1] + 1 if len(ran) else 0
+        values[i, r], chosen[i, r] = definition.choose(val_top1[i, r, :n], val_map[i, r, :n])
     return values, chosen
 
 

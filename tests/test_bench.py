@@ -208,7 +208,7 @@ def test_trial_value_a_first_epoch_spike_fools_the_best_epoch_not_the_smoothed_v
     # set 0 improves steadily; set 1 has one lucky first epoch on the validation pages, then
     # stays poor, on the test pages too
     curves = curves_of(val_top1=[[0.5, 0.6, 0.7, 0.7, 0.8, 0.8], [1.0, 0.3, 0.3, 0.3, 0.3, 0.3]],
-                       val_map=[[0.5, 0.6, 0.7, 0.75, 0.8, 0.8], [0.9, 0.3, 0.3, 0.3, 0.3, 0.3]],
+                       val_map=[[0.5, 0.6, 0.7, 0.8, 0.8, 0.6], [0.9, 0.3, 0.3, 0.3, 0.3, 0.3]],
                        test_map=[[0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [0.5, 0.2, 0.2, 0.2, 0.2, 0.2]])
     assert tv_bench.truth(curves["test_page_map"]).tolist() == pytest.approx([0.85, 0.2])
     searches = tv_bench.draw_searches(2, 2, searches=50, size=2)
@@ -218,9 +218,11 @@ def test_trial_value_a_first_epoch_spike_fools_the_best_epoch_not_the_smoothed_v
     assert fig["top1_best"]["mean_epoch"] == pytest.approx((1 + 5) / 2)   # 1 for set 1, 5 for 0
     for name in ("map_smooth3", "top1_smooth3", "mix_smooth3", "map_last3"):
         assert fig[name]["agreement"] == fig[name]["agreement_own"] == 1.0
-    assert fig["map_smooth3"]["test_map_of_pick"] == pytest.approx(0.8)   # epochs 4-6: epoch 5
+    # the best 3 epochs in a row are 3-5: their last one's weights stand for the value
+    assert fig["map_smooth3"]["test_map_of_pick"] == pytest.approx(0.8)
     assert fig["map_last3"]["test_map_of_pick"] == pytest.approx(0.9)     # the last epoch
-    assert fig["map_smooth3"]["spearman"] == 1.0 and fig["top1_best"]["spearman"] == -1.0
+    assert fig["map_smooth3"]["spearman"] == pytest.approx(1.0)
+    assert fig["top1_best"]["spearman"] == pytest.approx(-1.0)
     assert fig["map_smooth3"]["seed_sd"] == 0.0      # the same curve under both seeds
     assert tv_bench.winner(fig) in ("map_smooth3", "top1_smooth3", "mix_smooth3", "map_last3")
 
