@@ -44,7 +44,9 @@ def search_argv(data: Path, ckpt: Path, pruner: str, args: argparse.Namespace) -
             "--pruner", pruner, "--models", "small", "--img_height", str(args.img_height),
             "--img_width", str(args.img_width), "--epochs", str(args.epochs), "--patience",
             str(args.epochs), "--lines_per_writer", str(args.lines_per_writer), "--num_workers",
-            "0", "--seed", str(args.seed), "--no_summary"]
+            "0", "--seed", str(args.seed), "--no_summary",
+            # the figures it reports are best-epoch page top-1 (compared across versions)
+            "--trial_value", "top1_best"]
 
 
 def device_seconds(trials: Sequence, now: float) -> float:

@@ -92,3 +92,37 @@ def test_500_wide_trials_summary_is_quick(tmp_path):
     assert elapsed < 30
     assert_summary_files(tmp_path)
     assert max(map(len, _top_section((tmp_path / "summary" / "report.md").read_text()))) <= 120
+
+
+def _interval_trial(number, value, low, high):
+    return trial(number, value=value, val_page_top1=value, val_page_top5=1.0, val_page_map=value,
+                 value_low=low, value_high=high)
+
+
+def test_intervals_are_shown_and_overlapping_leaders_get_the_confirmation_hint(tmp_path):
+    ckpt = tmp_path / "c"
+    make_study(ckpt, [_interval_trial(0, 0.80, 0.70, 0.88), _interval_trial(1, 0.75, 0.66, 0.82),
+                      _interval_trial(2, 0.40, 0.31, 0.47)])
+    assert run(ckpt) == 0
+    report = (ckpt / "summary" / "report.md").read_text()
+    header, _, first, *_ = _top_section(report)
+    assert "95% interval" in header and "0.7–0.88" in first
+    assert "Trials 0 and 1 are within each other's 95% intervals" in report
+    assert "--confirm_top 2 --confirm_seeds 2" in report
+    table = read_csv(ckpt, "all_trials.csv")
+    assert {"value_low", "value_high"} <= set(table.columns)
+    assert "95% interval 0.7–0.88" in report.split("## Top")[0]  # the best trial's line
+
+
+def test_a_clear_leader_gets_no_hint_and_a_minimised_study_reads_the_other_way():
+    import pandas as pd
+
+    top = pd.DataFrame({"number": [3, 1, 2], "value": [0.9, 0.6, 0.5],
+                        "value_low": [0.85, 0.5, 0.4], "value_high": [0.95, 0.7, 0.6]})
+    assert summary_report.overlapping_leaders(top, "maximize") == [3]
+    assert "leads beyond" in " ".join(summary_report.overlap_advice(top, "maximize"))
+    low = pd.DataFrame({"number": [1, 2], "value": [0.1, 0.15], "value_low": [0.05, 0.12],
+                        "value_high": [0.14, 0.2]})
+    assert summary_report.overlapping_leaders(low, "minimize") == [1, 2]
+    assert summary_report.overlap_advice(low.drop(columns=["value_low", "value_high"]),
+                                         "minimize") == []

@@ -73,6 +73,17 @@ def test_settings_differences_and_refusal(tmp_path):
                              ).user_attrs["search_settings"] == settings
 
 
+def test_a_study_from_before_trial_values_resumes_only_with_the_value_it_used(tmp_path):
+    """Built-in studies stored no trial_value: their values were best-epoch page top-1."""
+    builtin = {"objective": study_lib.BUILTIN_OBJECTIVE, "direction": "maximize", "epochs": 8}
+    study = study_lib.open_study(_cfg(tmp_path))
+    study.set_user_attr("search_settings", builtin)
+    with pytest.raises(study_lib.SettingsMismatch,
+                       match="trial_value: stored 'top1_best', now 'map_smooth3'"):
+        study_lib.check_or_store_settings(study, {**builtin, "trial_value": "map_smooth3"}, "x")
+    study_lib.check_or_store_settings(study, {**builtin, "trial_value": "top1_best"}, "x")
+
+
 def test_direction_mismatch_is_refused(tmp_path):
     study_lib.open_study(_cfg(tmp_path))
     with pytest.raises(study_lib.SettingsMismatch, match="set to maximize, not --direction"):

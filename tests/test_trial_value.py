@@ -94,3 +94,30 @@ def test_the_interval_counts_the_pick_of_the_best_epoch():
     assert low > 0.5 - 0.05 and high > 0.5
     assert trial_value.resampled_values(get("top1_best"), top1.mean(axis=1)[:, None],
                                         ap.mean(axis=1)[:, None]).shape == (1,)
+
+
+def test_training_streams_the_same_pick_and_counts_epochs_without_a_better_score():
+    """What Trainer decides epoch by epoch (train.advance) is what the definition decides on the
+    whole curve; early stopping counts the epochs since the score last improved."""
+    from psearch.writer_id.train import FitState, advance
+
+    for name, definition in DEFINITIONS.items():
+        state = FitState()
+        for epoch, (top1, mean_ap) in enumerate(zip(SPIKE_TOP1, SPIKE_MAP), start=1):
+            row = {"epoch": epoch, "val_page_top1": top1, "val_page_map": mean_ap,
+                   "val_page_top5": 1.0, "val_line_acc": 0.5, "val_page_cls_acc": 0.5}
+            advance(definition, state, row)
+            state.history.append(row)
+            state.epoch = epoch
+            value, idx = definition.choose(SPIKE_TOP1[:epoch], SPIKE_MAP[:epoch])
+            assert state.best_epoch == idx + 1, (name, epoch)
+            assert state.best["value"] == pytest.approx(value), (name, epoch)
+    state = FitState()
+    falling = [0.9, 0.8, 0.7, 0.6, 0.5]
+    for epoch, v in enumerate(falling, start=1):
+        row = {"epoch": epoch, "val_page_top1": v, "val_page_map": v, "val_page_top5": 1.0,
+               "val_line_acc": 0.5, "val_page_cls_acc": 0.5}
+        advance(get("map_smooth3"), state, row)
+        state.history.append(row)
+    # epochs 1-2 have no full window; epoch 3 is the first best, 4 and 5 are worse
+    assert (state.best_epoch, state.bad_epochs) == (3, 2)

@@ -49,6 +49,10 @@ PREPARE_HOLD_S = 10.0
 # Writers of one shared script in fairly similar hands: hard enough that trials differ (with
 # distinct alphabets every trial reaches page top-1 = 1 and the search has nothing to show).
 DEMO_SIMILARITY = 0.75
+# 12 writers x 24 pages of 4 lines: 4 validation pages per writer, 48 retrieval queries, so that
+# the demo's figures move in steps well below the differences between its trials (with 2 pages
+# per writer, page top-1 moved in steps of 1/16 and a lucky epoch decided the search).
+DEMO_DATA = ("--writers", "12", "--pages-per-writer", "24", "--lines-per-page", "4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +248,7 @@ def ensure_demo_data(ns: argparse.Namespace) -> None:
         return
     print(f"Generating the demo data set in {ns.data_root} ...", flush=True)
     result = subprocess.run([*module_argv(sys.executable, SYNTHETIC_MODULE), "make-synthetic",
-                             ns.data_root, "--writers", "8", "--similarity", str(DEMO_SIMILARITY)],
+                             ns.data_root, *DEMO_DATA, "--similarity", str(DEMO_SIMILARITY)],
                             env=child_environ(os.environ), check=False)
     if result.returncode != 0:
         raise UsageError(f"could not generate the demo data in {ns.data_root!r} (exit code "

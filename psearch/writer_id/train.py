@@ -155,6 +155,30 @@ class FitState:
     query_ap: list[list[float]] = dataclasses.field(default_factory=list)
 
 
+def advance(definition: trial_value.Definition, st: "FitState", row: dict[str, Any]) -> bool:
+    """Score a validated epoch (row["value"]), decide whether it is the picked one so far
+    (row["is_best"], st.best, st.best_epoch) and count epochs without a better score for early
+    stopping (st.bad_epochs) - streaming what `definition.choose` decides on the whole curve
+    (pure: plain data). True when the epoch's weights become best_model.pth."""
+    rows = [*st.history, row]
+    scores = definition.per_epoch(np.array([r["val_page_top1"] for r in rows]),
+                                  np.array([r["val_page_map"] for r in rows]))
+    row["value"] = value = float(scores[-1])
+    # Before the smoothing window is full an epoch is picked only provisionally (a trial that
+    # ends then keeps its last epoch); from then on only a better score is picked.
+    full = row["epoch"] >= definition.window
+    improved = full and is_better(value, row["val_page_map"], st.best_score, st.best_tiebreak)
+    if improved:
+        st.best_score, st.best_tiebreak, st.bad_epochs = value, row["val_page_map"], 0
+    elif full:
+        st.bad_epochs += 1
+    row["is_best"] = math.isfinite(value) and (improved or not full or definition.pick == "last")
+    if row["is_best"]:
+        st.best = {**{k: row[k] for k in METRIC_KEYS}, "value": value}
+        st.best_epoch = row["epoch"]
+    return row["is_best"]
+
+
 class RankEnded(Exception):
     """Raised on ranks other than 0 when rank 0 ended the trial (pruned, stopped, failed): rank 0
     reports why; the others just leave."""
@@ -339,23 +363,7 @@ class Trainer:
         """Score the epoch, update the picked one, write best_model.pth / last.pth /
         history.csv, log a line."""
         st = self.state
-        rows = [*st.history, row]
-        scores = self.definition.per_epoch(np.array([r["val_page_top1"] for r in rows]),
-                                           np.array([r["val_page_map"] for r in rows]))
-        row["value"] = value = float(scores[-1])
-        # Before the smoothing window is full an epoch is picked only provisionally (a trial
-        # that ends then keeps its last epoch); from then on only a better score is picked.
-        full = row["epoch"] >= self.definition.window
-        improved = full and is_better(value, row["val_page_map"], st.best_score, st.best_tiebreak)
-        if improved:
-            st.best_score, st.best_tiebreak, st.bad_epochs = value, row["val_page_map"], 0
-        elif full:
-            st.bad_epochs += 1
-        row["is_best"] = math.isfinite(value) and (
-            improved or not full or self.definition.pick == "last")
-        if row["is_best"]:
-            st.best = {**{k: row[k] for k in METRIC_KEYS}, "value": value}
-            st.best_epoch = row["epoch"]
+        if advance(self.definition, st, row):
             self._save_best(row)
         st.epoch = row["epoch"]
         st.history.append(row)
