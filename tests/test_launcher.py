@@ -337,3 +337,28 @@ def _wait_orphan(pid, timeout):
             return os.waitstatus_to_exitcode(status)
         time.sleep(0.1)
     pytest.fail(f"worker {pid} outlived its launcher by {timeout} s")
+
+
+def test_a_repeated_sigterm_stops_gracefully_and_a_second_ctrl_c_kills(tmp_path, runs):
+    """SLURM and process managers repeat SIGTERM: it must not turn into a kill; a person pressing
+    Ctrl+C twice means it."""
+    slow = ROOT / "tests" / "objectives" / "slow_stop.py"
+    flags = ["--cpu_workers", "2", "--n_trials", "4"]
+    run = runs(tmp_path / "term", flags, sleep=0, objective=slow, summary=True)
+    run.wait_until_started(2)
+    run.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 143, run.output()
+    assert len(list((tmp_path / "term").glob("trial_*/saved.txt"))) == 2, run.output()
+    assert (tmp_path / "term" / "summary" / "report.md").is_file()
+    assert "killing all workers" not in run.output()
+
+    run = runs(tmp_path / "int", flags, sleep=0, objective=slow, summary=True)
+    run.wait_until_started(2)
+    run.proc.send_signal(signal.SIGINT)
+    time.sleep(0.6)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(60) == 130, run.output()
+    assert "Second interrupt: killing all workers now" in run.output()
+    assert not list((tmp_path / "int").glob("trial_*/saved.txt"))

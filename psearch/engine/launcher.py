@@ -304,7 +304,7 @@ def launch(job: Launch) -> int:
         return code
     seen = interrupts.count
     summarize(job.cfg, job.environ, interrupts)
-    if interrupts.count > seen and code == 0:  # Ctrl+C during the summary: say so in the code
+    if interrupts.count > seen and code == 0:  # a stop during the summary: say so in the code
         return 128 + interrupts.signum
     return code
 

@@ -122,6 +122,7 @@ class Run:
     stop_signal: int | None = None
     usage_error: bool = False
     signals_seen: int = 0
+    escalations_seen: int = 0
     next_refresh: float = 0.0
     next_check: float = 0.0
     done: list[Worker] = dataclasses.field(default_factory=list)  # ended for want of budget
@@ -251,7 +252,8 @@ def restart_done_workers(run: Run, budget: int) -> None:
 
 
 def on_signal(run: Run) -> None:
-    """First signal: forward it and give the workers --stop_timeout; second: kill at once."""
+    """First signal: forward it and give the workers --stop_timeout; a second Ctrl+C: kill at
+    once. A repeated SIGTERM/SIGHUP changes nothing (SLURM repeats them; see Interrupts)."""
     if run.signals_seen == 0:
         run.stop_signal = run.interrupts.signum
         say(run.status, "\n🛑 INTERRUPT RECEIVED - Gracefully stopping all workers...")
@@ -260,10 +262,14 @@ def on_signal(run: Run) -> None:
         say(run.status, f"(each saves its trial and stops; killed after {run.stop_timeout:g} s; "
             "press Ctrl+C again to kill now)")
         run.ctl.request_stop(run.stop_signal, run.stop_timeout)
-    if run.interrupts.count > 1:
+    if run.interrupts.escalations > run.escalations_seen:
         say(run.status, "Second interrupt: killing all workers now")
         run.ctl.kill_all()
+    elif run.interrupts.count > 1 and run.signals_seen > 0:
+        logger.info("Signal received again: still stopping gracefully (workers are killed after "
+                    "--stop_timeout %g s; Ctrl+C kills now)", run.stop_timeout)
     run.signals_seen = run.interrupts.count
+    run.escalations_seen = run.interrupts.escalations
 
 
 def on_exit(run: Run, ended: Exit) -> None:

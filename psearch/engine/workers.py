@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from psearch.engine import forked
+from psearch.engine import forked, stopping
 from psearch.engine.devices import WorkerSlot
 
 logger = logging.getLogger(__name__)
@@ -191,19 +191,35 @@ class Interrupts:
     SIGHUP (the terminal was closed, outside tmux/screen) stops the run like SIGTERM; the
     terminal is gone, so from then on output goes to /dev/null (the launcher log still gets it)
     instead of failing with EIO.
+
+    Only a person pressing Ctrl+C again means "kill now" (`escalations`): SLURM and process
+    managers repeat SIGTERM (slurmd signals every process of a job, some send it twice), and a
+    repeated SIGTERM or SIGHUP must not turn a graceful stop into lost work. `sigints` counts
+    Ctrl+C presses (one keypress reaching us twice counts once): a helper that has nothing to
+    save (preparation, summary) is killed on one.
     """
 
     def __init__(self) -> None:
         self.count = 0
         self.signum: int | None = None
+        self.escalations = 0
+        self.sigints = 0
+        self._first_at = 0.0
+        self._last_sigint = -1e9
         self._wakeup: int | None = None  # read end of the pipe that signals are written to
 
     def handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
             _detach_from_terminal()
+        now = time.monotonic()
         self.count += 1
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first_at = signum, now
+        elif stopping.is_escalation(signum, now - self._first_at):
+            self.escalations += 1
+        if signum == signal.SIGINT and now - self._last_sigint >= stopping.ESCALATION_MIN_GAP_S:
+            self.sigints += 1
+            self._last_sigint = now
 
     def install(self) -> None:
         """Handle the stop signals, and wake `wait` at once on any signal: a stop, or SIGCHLD
@@ -241,8 +257,8 @@ def _detach_from_terminal() -> None:
 def run_child(argv: list[str], env: Mapping[str, str], interrupts: Interrupts,
               echo: Callable[[str], None]) -> int:
     """Run a helper (preparation, summary) in its own process group, its output shown and logged;
-    a new Ctrl+C kills it at once: it has nothing to save."""
-    seen = interrupts.count
+    a new Ctrl+C kills it at once: it has nothing to save (a SIGTERM lets it finish)."""
+    seen = interrupts.sigints
     proc = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)
@@ -253,7 +269,7 @@ def run_child(argv: list[str], env: Mapping[str, str], interrupts: Interrupts,
             code = proc.wait(timeout=HELPER_POLL_S)
             break
         except subprocess.TimeoutExpired:
-            if interrupts.count > seen:
+            if interrupts.sigints > seen:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
     reader.join(timeout=5)
