@@ -93,6 +93,32 @@ def test_one_real_trial_writes_everything_a_user_reads(data, tmp_path):
     assert files() == before
 
 
+def test_a_rerun_on_changed_data_is_refused_naming_what_changed(tmp_path):
+    """A page added under the same data root: the values of the new trials would be measured on
+    other pages than the old ones'."""
+    import shutil
+
+    data = make_synthetic(tmp_path / "lines", writers=3, pages_per_writer=6, lines_per_page=3,
+                          height=32)
+    ckpt = tmp_path / "run"
+    r = search(data, ckpt, 1, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stored = json.loads(json.dumps(optuna.load_study(
+        study_name="writer_id_search", storage=f"sqlite:///{ckpt}/optuna_study.db"
+    ).user_attrs["search_settings"]["data"]))
+    assert stored["val"] == {"writers": 3, "pages": 6, "lines": 18, "digest": stored["val"]["digest"]}
+    study_bytes = (ckpt / "optuna_study.db").read_bytes()
+    val_writer = sorted((data / "val").iterdir())[0]
+    page = sorted(val_writer.iterdir())[0]
+    shutil.copytree(page, val_writer / "page_new")
+    refused = search(data, ckpt, 2, 1)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "data.val.pages: stored 6, now 7" in line
+    assert "start a new study" in line
+    assert (ckpt / "optuna_study.db").read_bytes() == study_bytes
+
+
 def test_interrupted_trial_continues_from_its_last_checkpoint(data, tmp_path):
     proc = search(data, tmp_path, 1, 4, stderr=subprocess.PIPE, text=True)
     history = tmp_path / "trial_000" / "history.csv"

@@ -103,8 +103,10 @@ def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
 
 # ---------------------------------------------------------------- settings stored with the study
 
-def search_settings(cfg: SearchConfig, writers: Sequence[str] | None) -> dict[str, Any]:
-    """The settings that change what a trial's value means; rerunning with others is refused."""
+def search_settings(cfg: SearchConfig, writers: Sequence[str] | None,
+                    data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that change what a trial's value means; rerunning with others is refused.
+    `data`: the built-in objective's data fingerprint (per split: writers, pages, lines)."""
     if not cfg.builtin_objective:
         return {"objective": cfg.objective, "direction": cfg.direction}
     return {"objective": BUILTIN_OBJECTIVE, "direction": cfg.direction,
@@ -112,14 +114,20 @@ def search_settings(cfg: SearchConfig, writers: Sequence[str] | None) -> dict[st
             "img_height": cfg.img_height, "img_width": cfg.img_width, "epochs": cfg.epochs,
             "models": list(cfg.models),
             "max_val_pages_per_writer": cfg.max_val_pages_per_writer,
-            "trial_value": cfg.trial_value}
+            "trial_value": cfg.trial_value, "data": dict(data or {})}
 
 
-def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between stored and wanted settings (empty when equal)."""
+def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any],
+                         prefix: str = "") -> list[str]:
+    """Human-readable differences between stored and wanted settings (empty when equal); nested
+    settings (the data's fingerprint) by their path, e.g. 'data.val.pages: stored 48, now 49'."""
     diffs = []
     for key in sorted(set(stored) | set(wanted)):
         old, new = stored.get(key), wanted.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            diffs += settings_differences(old, new, f"{prefix}{key}.")
+            continue
+        key = prefix + key
         if old != new:
             if isinstance(old, list) and isinstance(new, list) and len(old) + len(new) > 6:
                 old, new = _list_summary(old), _list_summary(new)
@@ -139,15 +147,22 @@ def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], wh
     from these; then store what the study does not hold yet (a new study: all of it)."""
     stored = study.user_attrs.get("search_settings")
     if stored is not None:
-        diffs = settings_differences(_comparable(stored), _comparable(settings))
+        # A study made by an earlier version lacks settings added since (the data's
+        # fingerprint): they are compared from now on, not refused.
+        diffs = settings_differences(_comparable(stored),
+                                     {k: v for k, v in _comparable(settings).items()
+                                      if k in _comparable(stored)})
         if diffs:
             raise SettingsMismatch(
                 f"the study in {where} was made with other settings ({'; '.join(diffs)}); rerun "
-                "with the original values, or use another --checkpoint_dir or --study_name")
+                "with the original values, or start a new study (another --checkpoint_dir or "
+                "--study_name)")
     if heartbeat_grace_s is not None:
         _check_heartbeat(study, heartbeat_grace_s)
     if stored is None:
         study.set_user_attr("search_settings", dict(settings))
+    elif set(settings) - set(stored):
+        study.set_user_attr("search_settings", {**settings, **stored})
     if heartbeat_grace_s is not None:
         check_or_store_heartbeat(study, heartbeat_grace_s)
 

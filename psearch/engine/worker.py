@@ -136,15 +136,15 @@ def open_checked_study(cfg: SearchConfig, who: WorkerIdentity,
     """Check, then create or load the study: the data (or the objective, with
     `check_objective`), the storage and the settings stored with an existing study are checked
     before anything is created, so a refused run leaves no trace; a new study gets its settings."""
-    writers = None
+    writers = data = None
     if cfg.builtin_objective:
         from psearch.writer_id import objective as writer_objective
 
-        writers = writer_objective.check_data(cfg)
+        writers, data = writer_objective.check_data(cfg)
     else:
         check_objective(cfg.objective)
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
-    study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers),
+    study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers, data),
                                       config.redact_url(cfg.storage_url), cfg.heartbeat_grace)
     return study
 

@@ -16,7 +16,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from psearch.engine.errors import UsageError
 
@@ -312,3 +312,17 @@ def search_subset(index: DataIndex, writers: Sequence[str],
 def index_paths(index: DataIndex) -> list[str]:
     """Every line path of every split: the files an image cache of this index must hold."""
     return [r.path for records in index.splits.values() for r in records]
+
+
+def fingerprint(index: DataIndex) -> dict[str, dict[str, Any]]:
+    """What a search's values were measured on, per split: writers, pages, lines, and a digest
+    of the line files' paths relative to the root (pure). Stored with the study: an image added,
+    removed or renamed changes it, so a rerun on changed data is refused instead of mixing
+    values measured on different pages."""
+    out = {}
+    for split, records in sorted(index.splits.items()):
+        rel = sorted(os.path.relpath(r.path, index.root) for r in records)
+        out[split] = {"writers": len({r.writer for r in records}),
+                      "pages": len({r.page for r in records}), "lines": len(records),
+                      "digest": hashlib.sha256("\n".join(rel).encode()).hexdigest()[:16]}
+    return out

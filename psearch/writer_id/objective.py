@@ -34,7 +34,7 @@ from psearch.writer_id import data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
 from psearch.writer_id.names import RESUME_CHECKPOINT, TRIAL_RESULT_KEYS
 from psearch.writer_id.search_space import suggest_hparams
-from psearch.writer_id.train import TrainConfig, Trainer, plot_history
+from psearch.writer_id.train import TrainConfig, Trainer, plot_history, read_last
 
 RANK_MODULE = "psearch.writer_id.ddp_objective"
 
@@ -53,8 +53,9 @@ def load_index(cfg: SearchConfig) -> tuple[data_index.DataIndex, tuple[str, ...]
     return data_index.restrict_to_writers(index, writers), writers
 
 
-def check_data(cfg: SearchConfig) -> tuple[str, ...]:
-    """Index and validate the data, image size and pretrained weights; the writers used.
+def check_data(cfg: SearchConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Index and validate the data, image size and pretrained weights; the writers used and the
+    data's fingerprint (data_index.fingerprint: stored with the study).
 
     Cheap and writes nothing, so that a bad data set, image size, missing weights or a
     changed setting stop the run before anything (the image cache included) is made.
@@ -77,7 +78,7 @@ def check_data(cfg: SearchConfig) -> tuple[str, ...]:
             model_lib.ensure_pretrained_available(model_type)
     logger.info("Data: %d writers, %s", len(writers),
                 ", ".join(f"{len(r)} {s} lines" for s, r in used.splits.items()))
-    return writers
+    return writers, data_index.fingerprint(used)
 
 
 def build_cache(cfg: SearchConfig) -> None:
@@ -286,6 +287,10 @@ class WriterObjective:
                             trial.number, resumed_from, RESUME_CHECKPOINT)
                 return None
             source = int(trials[source].user_attrs["resumed_from"])
+        # Checked before its curve and best model are taken over: one that cannot be loaded
+        # safely (read_last warns why) leaves a rerun from scratch with nothing of the old run.
+        if read_last(self._last(source), lazy=True) is None:
+            return None
         for step, value in sorted(trials[source].intermediate_values.items()):
             trial.report(value, step)
         best = self._last(source).with_name("best_model.pth")
