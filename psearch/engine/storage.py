@@ -95,6 +95,18 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+def is_schema_race(exc: BaseException) -> bool:
+    """Whether opening a storage failed only because another process was creating its tables at
+    the same moment (a duplicate table, index or version row) (pure)."""
+    import sqlalchemy.exc
+
+    if isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, sqlalchemy.exc.OperationalError) and (
+        "already exists" in text or "duplicate" in text)
+
+
 def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
                  ) -> optuna.storages.BaseStorage:
     """The storage behind one URL: an RDB (with Optuna's heartbeat) or a journal file."""
@@ -110,7 +122,10 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
         db.parent.mkdir(parents=True, exist_ok=True)
     if (url, heartbeat_grace_s) in _INHERITED:  # opened by the process this one was forked from
         return _INHERITED.pop((url, heartbeat_grace_s))
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # SQLite waits for a lock instead of failing at once; a server's pooled connections are
+    # tested before use, so one dropped by a server restart is replaced, not used and failed.
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                     else {"pool_pre_ping": True})
     # We record heartbeats ourselves (ask/tell, see study.Heartbeat): Optuna's notes on that are
     # noise.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -126,15 +141,14 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
                 grace_period=heartbeat_grace_s)
             _OPENED[(url, heartbeat_grace_s)] = storage
             return storage
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
-            # Launchers of several nodes that start at once on a new database all create
-            # Optuna's tables; the losers of that race see a duplicate and simply open them.
-            if attempt >= SCHEMA_RACE_RETRIES:
-                raise _cannot_open(url, exc) from exc
-            time.sleep(0.2 * (attempt + 1))
         except (ImportError, ValueError, optuna.exceptions.StorageInternalError,
                 sqlalchemy.exc.SQLAlchemyError) as exc:
-            raise _cannot_open(url, exc) from exc
+            # Launchers that start at once on a new database (several nodes, or several
+            # launchers of one folder) all create Optuna's tables; the losers of that race see
+            # a duplicate table or row and simply open them on the next try.
+            if not is_schema_race(exc) or attempt >= SCHEMA_RACE_RETRIES:
+                raise _cannot_open(url, exc) from exc
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _cannot_open(url: str, exc: Exception) -> UsageError:
