@@ -183,16 +183,33 @@ def test_dead_trials_are_judged_by_process_here_and_by_heartbeat_elsewhere():
         _running(3, host="node1", boot_id="boot-0", pid=10, pid_start=555),  # before a reboot
         _running(4, host="node2", boot_id="boot-9", pid=12, pid_start=5),    # elsewhere: live
         _running(5, host="node2", boot_id="boot-9", pid=10, pid_start=1),    # elsewhere: stale
-        _running(6, host="node2", heartbeat_at=1000.0),   # journal heartbeat, 50 s old: live
-        _running(7, host="node2", heartbeat_at=900.0),    # journal heartbeat, 150 s old: stale
+        _running(6, host="node2", heartbeat_n=7),         # journal heartbeat, moved: live
+        _running(7, host="node2", heartbeat_n=3),         # journal heartbeat, stuck: stale
         _running(8),                                      # no owner recorded: heartbeat only
         _running(9, **mine, pid=10, pid_start=555),       # alive here beats a stale heartbeat
         _frozen(10, TrialState.FAIL, dict(mine, pid=12, pid_start=5)),  # not RUNNING
     ]
+    beats = study_lib.BeatWatch()
+    beats.unchanged_for(106, 6, 900.0)   # trial 6's counter was 6 150 s ago, now 7
+    beats.unchanged_for(107, 3, 900.0)   # trial 7's was 3 then, and still is
     gone, stale = study_lib.dead_trials(trials, HERE, heartbeat_grace_s=90, now=1050.0,
-                                        stale_ids={105, 109}, start_of=alive_pids.get)
+                                        stale_ids={105, 109}, start_of=alive_pids.get,
+                                        beats=beats)
     assert [t.number for t in gone] == [1, 2, 3]
     assert [t.number for t in stale] == [5, 7]
+
+
+def test_a_journal_heartbeat_is_judged_on_the_readers_clock_only():
+    """Whatever wall clock the writer has, a counter is stale only after the reader itself has
+    watched it stand still for the grace period; a new reader watches first."""
+    beats = study_lib.BeatWatch()
+    stuck = [_running(1, host="node2", heartbeat_n=5)]
+    assert study_lib.dead_trials(stuck, HERE, 90, now=10.0, beats=beats)[1] == []
+    assert study_lib.dead_trials(stuck, HERE, 90, now=99.0, beats=beats)[1] == []
+    assert [t.number for t in study_lib.dead_trials(stuck, HERE, 90, now=101.0,
+                                                    beats=beats)[1]] == [1]
+    moving = [_running(1, host="node2", heartbeat_n=6)]
+    assert study_lib.dead_trials(moving, HERE, 90, now=500.0, beats=beats)[1] == []
 
 
 def test_recover_dead_trials_spares_live_owners_here_and_elsewhere(tmp_path):

@@ -69,13 +69,17 @@ def file_lock(path: str | os.PathLike, waiting: str | None = None,
 def symlink_lock(path: str, target: str, cancelled: Callable[[], bool] | None = None
                  ) -> Iterator[None]:
     """Hold the lock that a symlink at `path` (pointing to `target`) stands for: link creation is
-    atomic on NFS too. A link unchanged for STALE_SYMLINK_S is taken to be a dead holder's."""
+    atomic on NFS too. A link this waiter has seen unchanged for STALE_SYMLINK_S of its own
+    monotonic clock is taken to be a dead holder's (a holder keeps it for a moment only); its
+    mtime is not compared with this host's clock, which may be skewed from the writer's."""
+    watch = LinkWatch()
+
     def try_once() -> bool:
         try:
             os.symlink(target, path)
             return True
         except FileExistsError:
-            _break_if_stale(path)
+            watch.break_if_stale(path, time.monotonic())
             return False
 
     wait_for(try_once, cancelled)
@@ -85,14 +89,31 @@ def symlink_lock(path: str, target: str, cancelled: Callable[[], bool] | None = 
         _remove_link(path)
 
 
-def _break_if_stale(path: str) -> None:
-    try:
-        age = time.time() - os.lstat(path).st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_SYMLINK_S:
-        logger.warning("Lock %s unchanged for %.0f s: its holder died; taking it over", path, age)
-        _remove_link(path)
+class LinkWatch:
+    """How long one waiter has seen the same lock link (same inode and times) in place."""
+
+    def __init__(self) -> None:
+        self._identity: tuple[int, int, int] | None = None
+        self._since = 0.0
+
+    def unchanged_for(self, identity: tuple[int, int, int] | None, now: float) -> float:
+        """Seconds `identity` has been seen as of monotonic `now` (0 when it just changed)."""
+        if identity != self._identity:
+            self._identity, self._since = identity, now
+            return 0.0
+        return now - self._since
+
+    def break_if_stale(self, path: str, now: float) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        age = self.unchanged_for((st.st_ino, st.st_mtime_ns, st.st_ctime_ns), now)
+        if age > STALE_SYMLINK_S:
+            logger.warning("Lock %s unchanged for %.0f s: its holder died; taking it over",
+                           path, age)
+            _remove_link(path)
+            self._identity = None
 
 
 def _remove_link(path: str) -> None:

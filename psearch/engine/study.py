@@ -470,27 +470,56 @@ def _fail(study: optuna.Study, trials: Sequence[FrozenTrial], reason: str) -> li
     return failed
 
 
+HEARTBEAT_COUNT = "heartbeat_n"  # user attribute: the journal heartbeat's counter
+
+
+class BeatWatch:
+    """When this process last saw each trial's journal heartbeat counter change, on its own
+    monotonic clock. A heartbeat judged by wall-clock times written on another host breaks
+    under clock skew (a host 200 s ahead failed every live trial of the others); a counter that
+    has not moved for the grace period, as this process measured it, is stale whatever the
+    clocks say. A process that has just started must watch a full grace period first."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, float]] = {}
+
+    def unchanged_for(self, trial_id: int, count: Any, now: float) -> float:
+        """Seconds `count` has stayed the same for `trial_id` as of monotonic `now`."""
+        last = self._seen.get(trial_id)
+        if last is None or last[0] != count:
+            self._seen[trial_id] = (count, now)
+            return 0.0
+        return now - last[1]
+
+
+BEATS = BeatWatch()  # this process's observations (kept across claims and polls)
+
+
 def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_grace_s: int,
                 now: float, stale_ids: Collection[int] = (),
-                start_of=ownership.process_start) -> tuple[list, list]:
+                start_of=ownership.process_start,
+                beats: BeatWatch | None = None) -> tuple[list, list]:
     """RUNNING trials that are provably dead, as (owner gone from this host, heartbeat stale).
 
     An owner on this host is judged by its process (pid and start time), at once and above any
-    heartbeat; one elsewhere only by its heartbeat: Optuna's (`stale_ids`, RDB storages) or the
-    `heartbeat_at` user attribute that `Heartbeat` writes where the storage has none (pure but
-    for `start_of`).
+    heartbeat; one elsewhere only by its heartbeat: Optuna's (`stale_ids`, RDB storages: judged
+    on the database server's clock), or where the storage has none the `heartbeat_n` counter
+    that `Heartbeat` writes, judged by `beats` on this process's monotonic clock `now` (pure but
+    for `start_of` and what `beats` remembers).
     """
+    beats = BEATS if beats is None else beats
     gone, stale = [], []
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
         verdict = ownership.judge(t.user_attrs, here, start_of)
-        beat = t.user_attrs.get("heartbeat_at")
+        count = t.user_attrs.get(HEARTBEAT_COUNT)
         if verdict == ownership.Verdict.DEAD:
             gone.append(t)
         elif verdict == ownership.Verdict.UNKNOWN and (
                 t._trial_id in stale_ids
-                or (beat is not None and now - float(beat) > heartbeat_grace_s)):
+                or (count is not None and beats.unchanged_for(t._trial_id, count, now)
+                    > heartbeat_grace_s)):
             stale.append(t)
     return gone, stale
 
@@ -507,7 +536,7 @@ def recover_dead_trials(study: optuna.Study, here: ownership.Host, heartbeat_gra
         return []
     backend = storage_lib.rdb_backend(study._storage)
     stale_ids = backend._get_stale_trial_ids(study._study_id) if backend is not None else []
-    gone, stale = dead_trials(trials, here, heartbeat_grace_s, time.time(), set(stale_ids))
+    gone, stale = dead_trials(trials, here, heartbeat_grace_s, time.monotonic(), set(stale_ids))
     crashed = _fail(study, gone, "crashed")
     if crashed:
         logger.warning("Trials %s were left RUNNING by processes of %s that no longer exist: "
@@ -521,7 +550,8 @@ def recover_dead_trials(study: optuna.Study, here: ownership.Host, heartbeat_gra
 
 class Heartbeat:
     """Records a trial's heartbeat from a thread (ask/tell does not do it for us): Optuna's for an
-    RDB storage, a `heartbeat_at` user attribute (wall clock) for the journal, which has none."""
+    RDB storage, a `heartbeat_n` counter user attribute for the journal, which has none (readers
+    judge it by how long it stays unchanged on their own clock: BeatWatch)."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, interval_s: float):
         self._storage = study._storage
@@ -530,12 +560,14 @@ class Heartbeat:
         self._rdb = storage_lib.rdb_backend(self._storage) is not None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+        self._count = 0
 
     def _beat(self) -> None:
         if self._rdb:
             self._storage.record_heartbeat(self._trial_id)
         else:
-            self._storage.set_trial_user_attr(self._trial_id, "heartbeat_at", time.time())
+            self._count += 1
+            self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_COUNT, self._count)
 
     def _run(self) -> None:
         # The first beat too: the objective starts without waiting for its write.

@@ -21,7 +21,7 @@ from psearch.writer_id.names import TRIAL_RESULT_KEYS
 # User attributes that say where and how a trial ran, kept in all_trials.csv after the metrics.
 RUN_ATTRS = ("worker", "seed", "confirms", "attempt", "resumed_from", "fail_reason")
 # Bookkeeping that identifies a process, not a trial's result: left out of tables and metrics.
-PROCESS_ATTRS = (*ownership.OWNER_KEYS, "checkpoint_dir", "heartbeat_at")
+PROCESS_ATTRS = (*ownership.OWNER_KEYS, "checkpoint_dir", "heartbeat_at", "heartbeat_n")
 TOP_K = 5
 # The columns every trial has, first in all_trials.csv.
 FIXED_COLUMNS = ("number", "state", "value", "duration_s")
