@@ -171,7 +171,8 @@ def make_datasets(index: DataIndex, writers: Sequence[str], height: int, width: 
     """Cache the selected writers' lines (train, fixed val subset, test) and build the datasets."""
     writers = tuple(writers)
     index = search_subset(index, writers, max_val_pages_per_writer)
-    cache = build_or_load_cache(index_paths(index), height, width, cache_dir, processes)
+    cache = build_or_load_cache(index_paths(index), height, width, cache_dir, processes,
+                                data_root=index.root)
     label_of = {w: i for i, w in enumerate(writers)}
     train, _, _ = _split_data(index.splits["train"], cache, label_of, True, seed)
     _check_usable(train, writers, index.root)
