@@ -15,6 +15,8 @@ import dataclasses
 import logging
 import math
 import os
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -206,15 +208,15 @@ def checkpoint_payload(model: WriterNet, writers: Sequence[str], extra: dict) ->
                          f"{model.spec.num_classes} classes")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"model_spec": model.spec.to_dict(), "state_dict": state,
-            "writers": [str(w) for w in writers], **_builtin(extra)}
+            "writers": [str(w) for w in writers], **plain_values(extra)}
 
 
-def _builtin(obj: Any) -> Any:
+def plain_values(obj: Any) -> Any:
     """numpy scalars/arrays -> Python values: torch.load(weights_only=True) refuses numpy."""
     if isinstance(obj, dict):
-        return {k: _builtin(v) for k, v in obj.items()}
+        return {k: plain_values(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_builtin(v) for v in obj)
+        return type(obj)(plain_values(v) for v in obj)
     return obj.tolist() if hasattr(obj, "tolist") and not torch.is_tensor(obj) else obj
 
 
@@ -227,14 +229,55 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, fh)
 
 
+class UnsafeCheckpoint(UsageError):
+    """A checkpoint that torch.load(weights_only=True) refused or could not read: nothing in it
+    ran."""
+
+
+def load_torch(path: str | os.PathLike, what_now: str,
+               map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:
+    """torch.load under weights_only: only tensors and plain Python values are rebuilt, so a
+    planted pickle runs nothing (checkpoint folders are often group-writable).
+
+    Raises UnsafeCheckpoint, one line naming the file, why, and `what_now` (what the caller does
+    about it or what the user should), for anything else: a pickle of other objects, a truncated
+    or corrupt file. `lazy` maps the tensors instead of reading them (a cheap check).
+    """
+    try:
+        # mmap needs torch's zip format; any other file goes through the same safe unpickler
+        lazy = lazy and zipfile.is_zipfile(path)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=lazy)
+    except Exception as exc:  # noqa: BLE001 - no code ran: whatever failed, the file is unusable
+        raise UnsafeCheckpoint(f"{path} cannot be loaded safely ({_load_failure(exc)}): "
+                               f"{what_now}") from exc
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch's multi-paragraph load error -> a short reason (pure)."""
+    text = " ".join(str(exc).split())
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported operand \d+", text)
+        return ("it holds pickled objects, not only tensors and plain values"
+                + (f": {found.group(0)}" if found else ""))
+    if isinstance(exc, EOFError):
+        return "the file ends early: empty or cut short"
+    first = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
 def load_best_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[WriterNet, list[str], dict]:
-    """(model in eval mode, writer names by class index, the checkpoint without its state dict)."""
+    """(model in eval mode, writer names by class index, the checkpoint without its state dict).
+    UsageError for a file that is missing, not a model checkpoint, or cannot be loaded safely
+    (UnsafeCheckpoint: loaded under weights_only, so nothing in it ran)."""
     if not Path(path).is_file():
         raise UsageError(f"checkpoint {str(path)!r} does not exist; pass the best_model.pth of a "
                          "trial folder or of best_overall/")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    ckpt = load_torch(path, "nothing in it was run; pass a best_model.pth written by a search "
+                      "(a trial folder's or best_overall/'s), or rerun its trial to write it "
+                      "again", map_location)
+    missing = ([k for k in _CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict)
+               else list(_CHECKPOINT_KEYS))
     if missing:
         raise UsageError(f"{path} is not a model checkpoint: it lacks {', '.join(missing)}")
     # The weights come from the checkpoint, so the ImageNet file is not needed here.

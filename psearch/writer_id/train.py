@@ -6,9 +6,10 @@ training there: the data loader does no per-image work, so the GPU does not wait
 with linear warm-up then cosine decay per step, mixed precision on GPU (bf16 where supported, else
 fp16 with a gradient scaler), gradient clipping, and per-epoch checkpoints: `best_model.pth` (the
 weights of the epoch the trial value picks) and `last.pth` (the full state to resume: model,
-optimiser, scheduler, scaler, epoch, RNG). The trial value (`trial_value.py`: by default the best
-mean page mAP over 3 consecutive epochs) is also what each epoch reports and what early stopping
-waits to improve.
+optimiser, scheduler, scaler, epoch, RNG; tensors and plain values only, read back under
+torch.load(weights_only=True), so a planted one runs nothing). The trial value (`trial_value.py`:
+by default the best mean page mAP over 3 consecutive epochs) is also what each epoch reports and
+what early stopping waits to improve.
 
 On several devices (a `distributed.Dist` of K ranks) the model trains under
 DistributedDataParallel, each rank on its share of the epoch's draws with the batch size per
@@ -34,10 +35,12 @@ from psearch.writer_id import losses, metrics, trial_value
 from psearch.writer_id.augment import to_unit
 from psearch.writer_id.dataset import ShardSampler, WriterBalancedSampler
 from psearch.writer_id.distributed import Dist, single
-from psearch.writer_id.model import WriterNet, checkpoint_payload, save_torch
+from psearch.writer_id.model import (UnsafeCheckpoint, WriterNet, checkpoint_payload,
+                                     load_torch, plain_values, save_torch)
 from psearch.writer_id.names import METRIC_KEYS
 
 logger = logging.getLogger(__name__)
+LAST_KEYS = ("model", "optimizer", "scheduler", "scaler", "fit_state", "rng", "meta")
 MIXUP_MIN_ALPHA = 0.05      # below this Beta(a, a) is almost always 0 or 1: treat as no mixup
 PROGRESS_EVERY_S = 60.0     # log within an epoch at most this often
 
@@ -155,6 +158,28 @@ class FitState:
     query_ap: list[list[float]] = dataclasses.field(default_factory=list)
 
 
+def read_last(path: Path, lazy: bool = False) -> dict[str, Any] | None:
+    """A last.pth's contents, read under weights_only so that nothing in it runs; None, with a
+    one-line warning naming the file and why, for one that cannot be loaded that way (a planted
+    pickle, a truncated or corrupt file) or lacks a part: it is ignored and the trial starts
+    from scratch, since a search must not stop on a file anyone in the group could have
+    replaced. `lazy` maps the tensors instead of reading them (a cheap check before resuming)."""
+    what_now = "it is ignored and the trial starts from scratch"
+    try:
+        # onto the CPU: RNG states must stay CPU tensors; weights and optimiser state move to
+        # the device in load_state_dict
+        ckpt = load_torch(path, what_now, "cpu", lazy=lazy)
+    except UnsafeCheckpoint as exc:
+        logger.warning("%s", exc)
+        return None
+    missing = [k for k in LAST_KEYS if k not in ckpt] if isinstance(ckpt, dict) else LAST_KEYS
+    if missing:
+        logger.warning("%s is not a resume checkpoint (it lacks %s): %s", path,
+                       ", ".join(missing), what_now)
+        return None
+    return ckpt
+
+
 def advance(definition: trial_value.Definition, st: "FitState", row: dict[str, Any]) -> bool:
     """Score a validated epoch (row["value"]), decide whether it is the picked one so far
     (row["is_best"], st.best, st.best_epoch) and count epochs without a better score for early
@@ -216,21 +241,27 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def save_last(self) -> None:
-        """Everything needed to continue this trial after an interruption."""
+        """Everything needed to continue this trial after an interruption, in types that
+        torch.load(weights_only=True) rebuilds: tensors, and dicts, lists, tuples, str, int
+        (numpy's 128-bit PCG64 state too), float, bool, None. random.getstate() is such a tuple,
+        so the files of earlier versions, which had this same layout, load as well."""
         save_torch({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "fit_state": dataclasses.asdict(self.state),
+            # a numpy value in here would make the file unloadable: every resume would restart
+            "fit_state": plain_values(dataclasses.asdict(self.state)),
             "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
                     "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "meta": self.meta}, self.out_dir / "last.pth")
+            "meta": plain_values(self.meta)}, self.out_dir / "last.pth")
 
-    def load_last(self, path: Path) -> None:
-        """Continue from a last.pth written by `save_last` (possibly another trial's folder)."""
-        # onto the CPU: RNG states must stay CPU tensors; weights and optimiser state move to
-        # the device in load_state_dict
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    def load_last(self, path: Path) -> bool:
+        """Continue from a last.pth written by `save_last` (possibly another trial's folder);
+        False, with a warning, when it cannot be loaded safely (see `read_last`): the trial
+        then starts from scratch."""
+        ckpt = read_last(path)
+        if ckpt is None:
+            return False
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -244,6 +275,7 @@ class Trainer:
         logger.info("Resumed from %s after epoch %d (best value so far %s)", path,
                     self.state.epoch, None if self.state.best is None
                     else f"{self.state.best.get('value', float('nan')):.4f}")
+        return True
 
     def _save_best(self, row: dict[str, float]) -> None:
         payload = checkpoint_payload(self.model, self.data.writers,
