@@ -338,9 +338,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         cfg = search_config(data, Path(tmp) / "runs", args)
         make_bundle(cfg, *load_index(cfg))   # the image cache, once, before the workers load it
         device = str(pick_device())
+        hps = sample_hparams(args.sets, args.epochs)
         runs = [Run(i, r, FIRST_SEED + r, hp, cfg, device, str(Path(tmp) / f"set{i}_seed{r}"))
-                for r in range(args.seeds) for i, hp in enumerate(sample_hparams(args.sets,
-                                                                                args.epochs))]
+                for r in range(args.seeds) for i, hp in enumerate(hps)]
         return train_all(runs, args.processes)
 
 
