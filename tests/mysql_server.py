@@ -2,7 +2,8 @@
 
 Load as a plugin (`pytest_plugins = ["mysql_server"]` in conftest.py), then ask for `mysql_url`
 (a fresh database per test on one server per session). Needs Debian's `mariadb-server` and the
-`pymysql` driver; tests skip without them.
+`pymysql` driver; tests skip without them, and fail without them under CI
+(conftest.missing_server).
 """
 import os
 import shutil
@@ -26,13 +27,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mysql_server():
+def mysql_server(missing_server):
     """(host, port) of a MariaDB server with no grant checks, stopped after the session."""
-    pytest.importorskip("pymysql", reason="pymysql missing: pip install pymysql")
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        missing_server("pymysql missing: pip install pymysql")
     daemon, install_db = shutil.which("mariadbd") or shutil.which("mysqld"), \
         shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
     if not daemon or not install_db:
-        pytest.skip(f"no MariaDB server binaries: {INSTALL}")
+        missing_server(f"no MariaDB server binaries: {INSTALL}")
     root = Path(tempfile.mkdtemp(prefix="mysql_test_"))
     user = ["--user=root"] if os.geteuid() == 0 else []
     subprocess.run([install_db, "--no-defaults", f"--datadir={root / 'data'}",

@@ -2,7 +2,8 @@
 
 Load as a plugin (`pytest_plugins = ["pg_server"]` in conftest.py), then ask for
 `postgres_server` (one server per session) or `postgres_url` (a fresh database per test).
-Needs the server binaries (`apt-get install postgresql`) and psycopg; tests skip without them.
+Needs the server binaries (`apt-get install postgresql`, or a folder of them named by $PG_BINDIR)
+and psycopg; tests skip without them, and fail without them under CI (conftest.missing_server).
 """
 import glob
 import os
@@ -19,6 +20,9 @@ import pytest
 
 HOST = "127.0.0.1"
 INSTALL = "apt-get install postgresql"
+# The server binaries' folder, where they are not found by themselves; a folder without them
+# (e.g. PG_BINDIR=/nonexistent) makes the tests behave as on a machine without PostgreSQL.
+BINDIR_VAR = "PG_BINDIR"
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,11 @@ class PostgresServer:
 
 
 def find_bindir() -> Path | None:
-    """The newest Debian-style install, else what pg_config names, else the PATH."""
+    """$PG_BINDIR when set (only there), else the newest Debian-style install, else what
+    pg_config names, else the PATH."""
+    if BINDIR_VAR in os.environ:
+        return _with_server([os.environ[BINDIR_VAR]])
+
     def version(d):
         return int(Path(d).parent.name) if Path(d).parent.name.isdigit() else -1
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
@@ -56,25 +64,30 @@ def find_bindir() -> Path | None:
         candidates.append(bindir.strip())
     if shutil.which("initdb"):
         candidates.append(str(Path(shutil.which("initdb")).parent))
+    return _with_server(candidates)
+
+
+def _with_server(candidates: list[str]) -> Path | None:
     # pg_config also comes with libpq-dev alone, so the server binaries must really be there
     return next((Path(d) for d in candidates
                  if all((Path(d) / b).is_file() for b in ("initdb", "pg_ctl", "postgres"))), None)
 
 
-def run_as() -> tuple[list[str], pwd.struct_passwd]:
+def run_as(missing_server) -> tuple[list[str], pwd.struct_passwd]:
     """The argv prefix and user that run the server: postgres refuses to run as root."""
     if os.geteuid() != 0:
         return [], pwd.getpwuid(os.geteuid())
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.skip(f"no 'postgres' user to run the server as (not as root); {INSTALL} makes it")
+        missing_server(f"no 'postgres' user to run the server as (not as root); {INSTALL} "
+                       "makes it")
     prefix = ["runuser", "-u", "postgres", "--"]
     works = shutil.which("runuser") and not subprocess.run([*prefix, "true"],
                                                            capture_output=True).returncode
     if not works:
-        pytest.skip("running as root but `runuser -u postgres` does not work "
-                    "(apt-get install util-linux)")
+        missing_server("running as root but `runuser -u postgres` does not work "
+                       "(apt-get install util-linux)")
     return prefix, user
 
 
@@ -109,13 +122,18 @@ def start(bindir: Path, prefix: list[str], folder: Path) -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_server():
+def postgres_server(missing_server):
     """One PostgreSQL server for the session, in a temp folder removed afterwards."""
-    pytest.importorskip("psycopg", reason="psycopg missing: pip install 'psycopg[binary]'")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing_server("psycopg missing: pip install 'psycopg[binary]'")
     bindir = find_bindir()
     if bindir is None:
-        pytest.skip(f"no PostgreSQL server binaries (initdb, pg_ctl, postgres): {INSTALL}")
-    prefix, user = run_as()
+        where = (f"in ${BINDIR_VAR}={os.environ[BINDIR_VAR]}" if BINDIR_VAR in os.environ
+                 else f"({INSTALL}, or name their folder in ${BINDIR_VAR})")
+        missing_server(f"no PostgreSQL server binaries (initdb, pg_ctl, postgres) {where}")
+    prefix, user = run_as(missing_server)
     # not pytest's tmp_path: its parents are private to root, and the socket path must stay short
     folder = Path(tempfile.mkdtemp(prefix="pg_test_"))
     os.chown(folder, user.pw_uid, user.pw_gid)

@@ -1,10 +1,11 @@
 """A real one-machine SLURM for tests: munged, slurmctld and slurmd in a temporary folder.
 
 Ask for the session fixture `slurm_cluster` (registered in conftest.py). It needs root and the
-Debian packages `slurm-wlm` and `munge`; tests skip without them, and fail with the daemons' logs
-when those are installed but the cluster does not come up. Nothing outside the temporary folder is
-used: a munge key and socket of its own, free ports, state, spool and logs, so an installed SLURM
-or munge on the machine is neither used nor disturbed.
+Debian packages `slurm-wlm` and `munge`; tests skip without them (fail under CI:
+conftest.missing_server), and fail with the daemons' logs when those are installed but the cluster
+does not come up. Nothing outside the temporary folder is used: a munge key and socket of its own,
+free ports, state, spool and logs, so an installed SLURM or munge on the machine is neither used
+nor disturbed.
 
 Two settings differ from SLURM's defaults so that a requeued job starts again about 6 s after
 `scontrol requeue` instead of 175 s (measured here with the defaults: it may start `cred_expire`
@@ -239,11 +240,11 @@ def stop(procs: dict[str, subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_cluster(missing_server):
     """A running one-node SLURM cluster (see the module docstring); torn down after the session."""
     reason = missing_requirement()
     if reason:
-        pytest.skip(reason)
+        missing_server(reason)
     root = Path(tempfile.mkdtemp(prefix="slurm-test-"))
     root.chmod(0o755)  # munged checks that every user can reach its socket
     for sub in ("log", "state", "spool"):

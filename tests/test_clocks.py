@@ -17,8 +17,14 @@ from psearch.engine import storage as storage_lib
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 needs_hosts = pytest.mark.skipif(not can_pose_as_another_host(),
                                  reason="needs `unshare --uts` (root) to pose as other nodes")
-needs_faketime = pytest.mark.skipif(not FAKETIME_LIB.is_file(), reason=(
-    f"needs Debian's faketime ({FAKETIME_LIB}); `make system-deps` installs it"))
+
+
+@pytest.fixture
+def faketime(missing_server):
+    """Debian's libfaketime, which moves a process's clock (skipped without it; under CI it
+    must be there)."""
+    if not FAKETIME_LIB.is_file():
+        missing_server(f"needs Debian's faketime ({FAKETIME_LIB}); `make system-deps` installs it")
 
 
 def trials(storage):
@@ -43,8 +49,8 @@ def _nodes(runs, tmp_path, url, n_trials, sleep, skews, extra=()):
 
 
 @needs_hosts
-@needs_faketime
-def test_a_launcher_200_s_ahead_fails_no_live_trial_and_the_budget_stays_exact(tmp_path, runs):
+def test_a_launcher_200_s_ahead_fails_no_live_trial_and_the_budget_stays_exact(tmp_path, runs,
+                                                                              faketime):
     url = f"journal:///{tmp_path / 'study.journal'}"
     nodes = _nodes(runs, tmp_path, url, n_trials=12, sleep=2.0, skews=[0, 200])
     for node in nodes:

@@ -1,6 +1,10 @@
 """evaluate.py on a best_model.pth laid out as a real trial writes it (an untrained `small` model
-on tiny synthetic data): the metrics, the command line and its errors."""
+on tiny synthetic data): the metrics, the command line and its errors; and the summary's test
+figures of a real search's best model, which must be evaluate.py's own."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -8,11 +12,13 @@ import pytest
 from psearch.engine import layout
 from psearch.engine.config import SearchConfig
 from psearch.engine.errors import UsageError
+from psearch.reports import summary
 from psearch.writer_id import data_index, evaluate, model as model_lib, objective
 from psearch.writer_id.search_space import suggest_hparams
 from psearch.writer_id.synthetic import make_synthetic
 
 METRICS = ("page_top1", "page_top5", "page_map", "line_acc", "page_cls_acc")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +79,28 @@ def test_data_without_a_test_split_is_a_usage_error(best_model, tmp_path, capsys
                              lines_per_page=1, height=32)
     assert evaluate.main([str(path), "--data_root", str(no_test)]) == 2
     assert "has no test/ lines" in capsys.readouterr().err
+
+
+def test_the_summary_evaluates_the_best_model_on_the_test_split(tmp_path):
+    """A real one-trial search, then the summary: best_overall/test_metrics.json holds what
+    evaluate.py finds for best_overall/best_model.pth, figure for figure (a failed evaluation
+    would only be a warning in the summary, and no test_metrics.json)."""
+    data = make_synthetic(tmp_path / "data", writers=4, pages_per_writer=6, lines_per_page=4,
+                          height=32)
+    ckpt = tmp_path / "run"
+    search = subprocess.run(
+        [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--data_root",
+         str(data), "--checkpoint_dir", str(ckpt), "--n_trials", "1", "--epochs", "1",
+         "--models", "small", "--img_height", "32", "--img_width", "256", "--batch_size", "8",
+         "--lines_per_writer", "16", "--num_workers", "0", "--no_summary"],
+        capture_output=True, text=True, timeout=300)
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert not (ckpt / "best_overall").exists()
+    assert summary.main(["--checkpoint_dir", str(ckpt)]) == 0
+    best = ckpt / "best_overall" / "best_model.pth"
+    assert best.read_bytes() == (layout.trial_dir(ckpt, 0) / "best_model.pth").read_bytes()
+    direct = evaluate.evaluate_checkpoint(best, split="test", data_root=str(data))
+    assert set(METRICS) <= set(direct) and direct["pages"] == 8  # 4 writers x 2 half-pages
+    tested = ckpt / "best_overall" / "test_metrics.json"
+    assert tested.is_file(), "the summary did not evaluate the best model (see its warning)"
+    assert json.loads(tested.read_text()) == direct

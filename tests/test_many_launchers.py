@@ -6,6 +6,7 @@ trial of another."""
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,15 +33,21 @@ def no_tracebacks(*folders_and_runs):
 def test_a_second_launcher_on_the_same_folder_never_fails_the_first_ones_trials(tmp_path, runs):
     ckpt = tmp_path / "c"
     flags = ["--n_trials", "6", "--cpu_workers", "1"]
-    fast = runs(ckpt, flags, sleep=1.2, out=tmp_path / "a.out")
-    time.sleep(4.5)
-    slow = runs(ckpt, flags, sleep=10, out=tmp_path / "b.out")
+    # Ordered by events, not by sleeps (SLEEPY_WAIT_FOR=N: a trial first waits until N trials of
+    # the folder have started). The first launcher's first trial holds until the second launcher
+    # has started a trial, so the second one starts beside a live trial of the first; its one
+    # trial holds until all 6 have started, then outlasts the first launcher's last trial (8 s
+    # against 1.2), so the first launcher finishes its share and must wait for it.
+    fast = runs(ckpt, flags, sleep=1.2, env={"SLEEPY_WAIT_FOR": "2"}, out=tmp_path / "a.out")
+    fast.wait_until_started(1)
+    slow = runs(ckpt, flags, sleep=8, env={"SLEEPY_WAIT_FOR": "6"}, out=tmp_path / "b.out")
     assert fast.wait(120) == 0, fast.output()
     assert slow.wait(120) == 0, slow.output()
     ts = trials(ckpt)
     assert len(by_state(ts, TrialState.COMPLETE)) == 6 and len(ts) == 6, \
         [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in ts]
-    assert len({t.user_attrs["run"] for t in ts}) == 2  # both launchers ran trials
+    shares = Counter(t.user_attrs["run"] for t in ts)
+    assert sorted(shares.values()) == [1, 5]  # the first launcher ran 5 trials, the second 1
     # the fast one finished its share first and waited for the slow one's trial
     assert "waiting for 1 trial(s) of other launchers" in fast.output()
     assert "6/6 trials finished" in fast.output() and "6/6 trials finished" in slow.output()

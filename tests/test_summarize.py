@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -136,16 +135,23 @@ def test_running_trial_appears_in_the_values_plot():
 # ---------------------------------------------------------------- one summary at a time
 
 def test_second_summary_waits_for_the_first(tmp_path):
+    """While one summary holds the lock, a second one started as a command says that it waits
+    and writes nothing; it finishes once the lock is free."""
     ckpt = tmp_path / "c"
     make_study(ckpt, [trial(0, value=0.5)])
-    result = {}
     with summarize.summary_lock(ckpt):
-        worker = threading.Thread(target=lambda: result.setdefault("rc", run(ckpt)))
-        worker.start()
-        time.sleep(1.0)
-        assert not (ckpt / "summary" / "report.md").exists()
-    worker.join(timeout=60)
-    assert result["rc"] == 0 and (ckpt / "summary" / "report.md").exists()
+        second = subprocess.Popen([sys.executable, "summarize.py", "--checkpoint_dir", str(ckpt)],
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        # Read until it says it waits, or until it ends (stderr closes): a summary that did not
+        # wait for the lock runs to its end while the lock is held here.
+        said = next((line for line in iter(second.stderr.readline, "")
+                     if "is being written; waiting for it" in line), None)
+        assert said is not None and second.poll() is None, "the second summary did not wait"
+        assert not list((ckpt / "summary").glob("*")) and not (ckpt / "best_overall").exists()
+    _, rest = second.communicate(timeout=60)
+    assert second.returncode == 0, rest
+    assert_summary_files(ckpt)
 
 
 # ---------------------------------------------------------------- scale
