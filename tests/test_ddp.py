@@ -303,7 +303,7 @@ def test_builtin_trials_train_on_two_cpu_ranks_and_resume_after_ctrl_c(lines, tm
         net, writers, _ = load_best_model(folder / "best_model.pth")   # no DDP wrapper in it
         assert writers == config["writers"] and net(torch.ones(1, 1, 32, 256))[1].shape == (1, 4)
         assert t.value == pytest.approx(json.loads((folder / "metrics.json").read_text())
-                                        ["val_page_top1"])
+                                        ["value"])
     log = "".join(p.read_text() for p in (ckpt / "logs").glob("worker_cpu0_*.log"))
     assert "Rank 1 of 2 on cpu (gloo)" in log
 

@@ -148,3 +148,38 @@ def test_when_a_node_dies_the_other_reruns_its_trials_and_finishes(tmp_path, run
     for t in orphans:  # each ran again on the survivor, with its hyperparameters
         assert rerun[t.number].user_attrs["host"] == "node2" and rerun[t.number].params == t.params
     no_tracebacks(tmp_path / "node2", survivor)
+
+
+@needs_hosts
+def test_a_frozen_worker_whose_trial_was_taken_over_discards_its_result(tmp_path, runs,
+                                                                       postgres_url):
+    """SIGSTOP past the grace period: another node judges the trial stale and runs it again.
+    When the frozen worker wakes up, its trial is not its own any more: it says so, discards its
+    result (no 'COMPLETE' for a trial the study holds as FAIL) and counts no failure."""
+    reporting = Path(__file__).resolve().parent / "objectives" / "reporting.py"
+    flags = ["--n_trials", "3", "--cpu_workers", "1", "--storage", postgres_url,
+             "--heartbeat_grace", "6", "--pruner", "none"]
+    frozen = runs(tmp_path / "node1", flags, sleep=8.0, host="node1", objective=reporting,
+                  out=tmp_path / "node1.out")
+    frozen.wait_until_started(1)
+    workers = _descendants_by_env(frozen)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    other = runs(tmp_path / "node2", flags, sleep=1.0, host="node2", objective=reporting,
+                 out=tmp_path / "node2.out")
+    deadline = time.monotonic() + 90
+    while not [t for t in trials(storage=postgres_url) if t.state == TrialState.FAIL]:
+        assert time.monotonic() < deadline, other.output()
+        time.sleep(0.5)
+    (stale,) = by_state(trials(storage=postgres_url), TrialState.FAIL)
+    assert stale.user_attrs["host"] == "node1" and stale.user_attrs["fail_reason"] == "stale"
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    assert other.wait(120) == 0, other.output()
+    assert frozen.wait(120) == 0, frozen.output()
+    ts = trials(storage=postgres_url)
+    assert len(by_state(ts, TrialState.COMPLETE)) == 3 and len(by_state(ts, TrialState.FAIL)) == 1
+    log = "".join(p.read_text() for p in (tmp_path / "node1" / "logs").glob("worker_*.log"))
+    assert f"Trial {stale.number} was taken over by another launcher" in log
+    assert f"Trial {stale.number} COMPLETE" not in log
+    assert "trials in a row failed" not in log

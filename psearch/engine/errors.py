@@ -17,3 +17,4 @@ EXIT_TOO_MANY_FAILURES = 3  # trials kept failing on their own merits: the slot 
 EXIT_NO_DEVICE = 4  # pinned to a GPU that CUDA cannot use: the slot stops, never trains on the CPU
 EXIT_TRIAL_TIMEOUT = 5  # its trial ran past --trial_timeout: the launcher kills the group, restarts
 EXIT_DISK_FULL = 6  # no space left on the device: the run stops cleanly
+EXIT_STORAGE = 7  # the study stayed unreachable through a whole outage: restarted once it answers

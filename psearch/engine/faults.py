@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import sys
 import time
@@ -21,6 +22,11 @@ T = TypeVar("T")
 DISK_FULL_REASON = "No space left on device"  # the fail reason of a trial that filled the disk
 SQLITE_FULL = 13  # sqlite3's error code for "database or disk is full"
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# How long the study's storage may stay unreachable (a database restarted, a maintenance window)
+# before a worker gives up on it; its launcher restarts it once the storage answers again.
+OUTAGE_VAR = "PARALLEL_SEARCH_STORAGE_OUTAGE_S"
+DEFAULT_OUTAGE_S = 300.0
+LONGEST_RETRY_DELAY_S = 15.0
 # What the study's storage raises: a locked SQLite file, a dropped database connection, ...
 STORAGE_ERROR_TYPES = (("optuna.exceptions", "StorageInternalError"),
                        ("sqlalchemy.exc", "SQLAlchemyError"), ("sqlite3", "Error"))
@@ -95,17 +101,65 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def outage_s(environ=os.environ) -> float:
+    """How long a storage outage is waited out (PARALLEL_SEARCH_STORAGE_OUTAGE_S, default 300)."""
+    try:
+        return max(0.0, float(environ.get(OUTAGE_VAR, DEFAULT_OUTAGE_S)))
+    except ValueError:
+        return DEFAULT_OUTAGE_S
+
+
+def outage_delays(total_s: float | None = None) -> tuple[float, ...]:
+    """Back-off delays (0.5, 1, 2, 4, 8, 15, 15, …) that add up to at least `total_s` (default
+    `outage_s()`) (pure but for the default)."""
+    total_s = outage_s() if total_s is None else total_s
+    delays, spent, delay = [], 0.0, 0.5
+    while spent < total_s:
+        delays.append(delay)
+        spent += delay
+        delay = min(LONGEST_RETRY_DELAY_S, delay * 2)
+    return tuple(delays)
+
+
 def retry(fn: Callable[[], T], what: str, delays: Sequence[float] = RETRY_DELAYS_S,
           is_transient: Callable[[BaseException], bool] = is_transient_storage_error,
-          sleep: Callable[[float], None] = time.sleep) -> T:
+          sleep: Callable[[float], None] = time.sleep,
+          cancelled: Callable[[], bool] | None = None) -> T:
     """`fn()`, called again after each of `delays` while it fails transiently; the last error,
-    or any other one, is raised. `what` names the call in the warning logged per retry."""
+    or any other one, is raised, also as soon as `cancelled()` turns true while waiting. `what`
+    names the call in the warning logged per retry (once per distinct error after the first)."""
+    said = None
     for delay in (*delays, None):
         try:
-            return fn()
+            result = fn()
         except Exception as exc:
             if delay is None or not is_transient(exc):
                 raise
-            logger.warning("%s failed (%s); trying again in %g s", what, one_line(exc), delay)
-            sleep(delay)
+            line = one_line(exc)
+            if line != said:
+                logger.warning("%s failed (%s); trying again for up to %.0f s", what, line,
+                               sum(delays))
+                said = line
+            if _sleep_unless(delay, sleep, cancelled):
+                raise
+            continue
+        if said is not None:
+            logger.info("%s succeeded after the storage came back", what)
+        return result
     raise AssertionError("unreachable")
+
+
+def _sleep_unless(delay: float, sleep: Callable[[float], None],
+                  cancelled: Callable[[], bool] | None) -> bool:
+    """Sleep `delay` in short steps; True (and stop early) once `cancelled()` is."""
+    if cancelled is None:
+        sleep(delay)
+        return False
+    end = time.monotonic() + delay
+    while True:
+        if cancelled():
+            return True
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        sleep(min(0.2, left))

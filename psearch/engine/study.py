@@ -20,14 +20,18 @@ from optuna.trial import FrozenTrial, TrialState
 from psearch.engine import confirm, faults, ownership, storage as storage_lib
 from psearch.engine.config import SearchConfig, absolute_objective, redact_url
 from psearch.engine.errors import UsageError
+from psearch.engine.resilient_trial import ResilientTrial
 from psearch.engine.stopping import StopRequested
 from psearch.writer_id.names import LEGACY_TRIAL_VALUE
 
 logger = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted"  # the fail reason of a trial a stop ended: it runs again
+STORAGE_LOST = "storage_unreachable"  # the study stayed unreachable longer than a trial waited
 # Trials failed for these reasons did not fail on their own merits: they run again.
-RETRYABLE_REASONS = frozenset({INTERRUPTED, "worker_died", "crashed", "stale"})
+RETRYABLE_REASONS = frozenset({INTERRUPTED, STORAGE_LOST, "worker_died", "crashed", "stale"})
+# ... and these are not even attempts: the trial itself had no part in them.
+NOT_ATTEMPTS = frozenset({INTERRUPTED, STORAGE_LOST})
 # Reasons that count as an attempt (an interrupt does not): a trial that keeps killing its worker
 # stops being retried after this many attempts.
 MAX_ATTEMPTS = 3
@@ -351,7 +355,7 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any]
     # What ask() does once it has the trial (its cache of trials would be one trial old); the
     # trial is ours already, so the lock is not held while the sampler reads the study.
     study._thread_local.cached_all_trials = None
-    return confirm.never_pruned(optuna.Trial(study, trial_id))
+    return confirm.never_pruned(ResilientTrial(study, trial_id, cancelled))
 
 
 def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any], n_trials: int,
@@ -425,7 +429,7 @@ def retry_user_attrs(t: FrozenTrial) -> dict[str, Any]:
     """User attributes of the trial that reruns `t`: its origin and attempt count, and what makes
     it the same run (its seed, the set a confirmation run repeats) (pure)."""
     attempt = int(t.user_attrs.get("attempt", 1))
-    if _reason(t) != INTERRUPTED:
+    if _reason(t) not in NOT_ATTEMPTS:
         attempt += 1
     same = {k: t.user_attrs[k] for k in (confirm.CONFIRMS, confirm.SEED) if k in t.user_attrs}
     return {"resumed_from": t.number, "attempt": attempt, **same}

@@ -34,13 +34,14 @@ WAIT_POLL_S = 2.0
 
 def classify_exit(returncode: int) -> str:
     """What a worker's exit code means (pure): done, usage, failures, no_device, timeout,
-    disk_full or died."""
+    disk_full, storage (it gave up on an unreachable study) or died."""
     return {errors.EXIT_OK: "done",  # no budget left for it to start a trial
             errors.EXIT_USAGE: "usage",
             errors.EXIT_TOO_MANY_FAILURES: "failures",  # something is wrong with the setup
             errors.EXIT_NO_DEVICE: "no_device",
             errors.EXIT_TRIAL_TIMEOUT: "timeout",
-            errors.EXIT_DISK_FULL: "disk_full"}.get(returncode, "died")  # or killed by a signal
+            errors.EXIT_DISK_FULL: "disk_full",
+            errors.EXIT_STORAGE: "storage"}.get(returncode, "died")  # or killed by a signal
 
 
 def describe_exit(returncode: int) -> str:
@@ -126,12 +127,15 @@ class Run:
     next_refresh: float = 0.0
     next_check: float = 0.0
     done: list[Worker] = dataclasses.field(default_factory=list)  # ended for want of budget
+    cut_off: list[Worker] = dataclasses.field(default_factory=list)  # gave up on the storage
+    unreachable_since: float | None = None  # since when the study is down and no worker runs
     gave_up: list[Worker] = dataclasses.field(default_factory=list)  # too many failures in a row
     disk_full: bool = False  # a worker (or this launcher) found no space left: the run stops
     storage_trouble: str | None = None  # the storage error being retried, logged once
     waiting_for: int | None = None  # other launchers' trials this launcher waits for
     left_to_others: int = 0  # trials still running elsewhere when this launcher left (--no_wait)
     budget: Any = None  # study.Budget as last read (refresh_status)
+    storage_lost: bool = False  # the study stayed unreachable: the run ended without it
 
     @property
     def cfg(self) -> SearchConfig:
@@ -157,16 +161,51 @@ def supervise(run: Run) -> None:
         try:
             for ended in run.ctl.poll():
                 on_exit(run, ended)
-            if not run.ctl.active() and not keep_going(run):
+            if run.cut_off and not run.stopping:
+                restart_cut_off(run)
+            if not run.ctl.active() and not run.cut_off and not keep_going(run):
                 return
             reopen_while_busy(run)
             if time.monotonic() >= run.next_refresh:
                 refresh_status(run)
                 run.next_refresh = time.monotonic() + refresh_s
-            run.storage_trouble = None
+            run.storage_trouble = run.unreachable_since = None
         except Exception as exc:  # noqa: BLE001 - the storage or the disk, never a traceback
             on_storage_error(run, exc)
+            if storage_lost(run):
+                return
         run.interrupts.wait(POLL_S)  # woken at once when a worker ends or a signal comes
+
+
+def restart_cut_off(run: Run) -> None:
+    """Start the workers that gave up on the storage again as soon as the study answers (a
+    read; raises the storage error while it does not)."""
+    if time.monotonic() < run.next_check:
+        return
+    run.next_check = time.monotonic() + WAIT_POLL_S
+    run.study.get_trials(deepcopy=False)
+    for worker in run.cut_off:
+        logger.info("The study answers again: restarting worker %s", worker.slot.label)
+        run.ctl.start(worker)
+    run.cut_off.clear()
+
+
+def storage_lost(run: Run) -> bool:
+    """The study is unreachable and no worker of ours has run for as long as a worker waits out
+    an outage (they gave up; this launcher waited as long again to restart them): the search
+    cannot go on from here (rerunning the same command resumes it)."""
+    now = time.monotonic()
+    if run.ctl.active() or run.stopping:
+        run.unreachable_since = None
+        return False
+    if run.unreachable_since is None:
+        run.unreachable_since = now
+    if now - run.unreachable_since < faults.outage_s():
+        return False
+    logger.error("The study has not answered for %.0f s with no worker of this launcher "
+                 "running (%s); stopping", now - run.unreachable_since, run.storage_trouble)
+    run.storage_lost = True
+    return True
 
 
 def on_storage_error(run: Run, exc: Exception) -> None:
@@ -301,12 +340,25 @@ def on_exit(run: Run, ended: Exit) -> None:
                        run.cfg.trial_timeout or 0)
     elif kind == "disk_full":
         stop_for_full_disk(run, f"worker {w.slot.label}")
+    elif kind == "storage":
+        run.cut_off.append(w)
+        logger.warning("Worker %s gave up on the study, unreachable for %.0f s (see %s); it starts "
+                       "again once the study answers", w.slot.label, faults.outage_s(),
+                       w.log_path)
     else:
         logger.warning("Worker %s (pid %d) died: %s (its log: %s)", w.slot.label, ended.pid,
                        describe_exit(code), w.log_path)
     if code != 0:  # a worker that did not end cleanly may have left its trial RUNNING
         reason = "interrupted" if run.stopping else "worker_died"
-        failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid, run=run.job.run)
+        try:
+            failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid,
+                                                   run=run.job.run)
+        except Exception as exc:  # noqa: BLE001 - the study is down: recovered once it is back
+            if not faults.is_transient_storage_error(exc):
+                raise
+            failed = []
+            logger.warning("Worker %s's trial cannot be marked failed now (%s); it is recovered "
+                           "as crashed once the study answers", w.slot.label, faults.one_line(exc))
         if failed:
             logger.warning("Trial(s) %s of worker %s marked failed (%s): they run again",
                            failed, w.slot.label, reason)
@@ -342,7 +394,18 @@ def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
 
 def final_report(run: Run, user_argv: Sequence[str]) -> int:
     """Print the outcome (and how to resume) and return the exit code."""
-    counts = refresh_status(run, force_log=True)
+    try:
+        counts = refresh_status(run, force_log=True)
+    except Exception as exc:  # noqa: BLE001 - a study that stayed down: one line, no traceback
+        if not faults.is_transient_storage_error(exc):
+            raise
+        run.status.close()
+        code = 128 + run.stop_signal if run.stop_signal is not None else 1
+        say(run.status, "\n".join([
+            RULE, f"Search stopped: the study cannot be reached ({faults.one_line(exc)}). "
+            "Nothing is lost: rerun the same command to resume once it answers again:",
+            "  " + resume_command(user_argv), RULE]))
+        return code
     run.status.close()
     n, left = run.cfg.n_trials, run.budget
     code = final_exit_code(left.done, left.total, run.usage_error, run.stop_signal,

@@ -3,7 +3,11 @@
 Whatever the objective raises ends its trial, never the worker: an exception, and also a
 KeyboardInterrupt or SystemExit of its own (only the worker's StopFlag, set by a signal, stops the
 search; such a trial is 'interrupted' and runs again). A full disk is a fail reason of its own,
-on which the worker stops. Never imports torch.
+on which the worker stops. A storage that stayed unreachable longer than the objective's calls
+waited (resilient_trial.py) is not the trial's fault: it runs again, from its last checkpoint. A
+trial that another launcher took over meanwhile (this worker was frozen or cut off long enough
+for its heartbeat to be judged stale) is left as the study holds it: its result is discarded,
+and it is no failure of this worker. Never imports torch.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from psearch.writer_id.names import RESUME_CHECKPOINT
 logger = logging.getLogger("worker")
 Objective = Callable[[optuna.Trial, Path], float]
 TIMEOUT = "timeout"  # the fail reason of a trial that ran past --trial_timeout (not retried)
+# What run_one_trial returns for a trial another launcher had already ended: never recorded.
+TAKEN_OVER = "taken_over"
 
 
 def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
@@ -53,16 +59,36 @@ def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective
         except StopRequested:
             reason = study_lib.INTERRUPTED
         except BaseException as exc:  # noqa: BLE001 - see the module docstring
-            reason = _failure_reason(exc, trial.number, trial_dir, stop)
+            reason = (TAKEN_OVER if taken_over(exc) else
+                      _failure_reason(exc, trial.number, trial_dir, stop))
         finally:
             _release_device_memory()
-    record_end(study, trial, state, value, reason)
-    logger.info("Trial %d %s%s in %.1f s", trial.number, state.name,
-                f" with value {value:.4f}" if state == TrialState.COMPLETE else
-                (f" ({reason})" if reason else ""), time.time() - started)
+    outcome = ("unfinished" if reason == TAKEN_OVER else
+               f"{state.name} with value {value:.4f}" if state == TrialState.COMPLETE else
+               state.name + (f" ({reason})" if reason else ""))
+    if reason == TAKEN_OVER or not record_end(study, trial, state, value, reason):
+        logger.warning("Trial %d was taken over by another launcher while this worker was cut "
+                       "off or frozen (its heartbeat was judged stale; the study holds it as %s "
+                       "and runs it again): its result here (%s) is discarded", trial.number,
+                       _stored_state(study, trial), outcome)
+        return TrialState.FAIL, TAKEN_OVER
+    logger.info("Trial %d %s in %.1f s", trial.number, outcome, time.time() - started)
     if ends_for_good(state, reason):
         drop_resume_checkpoints(study, trial.number, cfg)
     return state, reason
+
+
+def taken_over(exc: BaseException) -> bool:
+    """Whether the objective failed because its trial had been ended by someone else (pure)."""
+    return any(isinstance(e, optuna.exceptions.UpdateFinishedTrialError)
+               for e in faults.exception_chain(exc))
+
+
+def _stored_state(study: optuna.Study, trial: optuna.Trial) -> str:
+    with contextlib.suppress(Exception):
+        stored = study.get_trials(deepcopy=False)[trial.number]
+        return f"{stored.state.name} ({stored.user_attrs.get('fail_reason', 'stale')})"
+    return "ended"
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -87,6 +113,10 @@ def _failure_reason(exc: BaseException, number: int, trial_dir: Path,
         logger.error("Trial %d failed: no space left on the device (%s)", number,
                      faults.one_line(exc))
         return faults.DISK_FULL_REASON
+    if faults.is_transient_storage_error(exc):
+        logger.error("Trial %d stopped: the study stayed unreachable (%s); it runs again from "
+                     "its last checkpoint", number, faults.one_line(exc))
+        return study_lib.STORAGE_LOST
     reason = describe_failure(exc)
     error_log = trial_dir / "error.log"
     try:
@@ -99,17 +129,23 @@ def _failure_reason(exc: BaseException, number: int, trial_dir: Path,
 
 
 def record_end(study: optuna.Study, trial: optuna.Trial, state: TrialState,
-               value: float | None, reason: str | None) -> None:
-    """Tell the study how the trial ended (its fail reason first), tried again while the storage
-    hiccups. A trial someone else already ended (its heartbeat was judged stale) keeps that."""
-    def tell() -> None:
-        if reason is not None:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                trial.set_user_attr("fail_reason", reason[:1000])
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state,
-                   skip_if_finished=True)
+               value: float | None, reason: str | None) -> bool:
+    """Tell the study how the trial ended (its fail reason first), waiting out a storage outage
+    (faults.outage_s()). False when someone else had already ended it (its heartbeat was judged
+    stale and another launcher runs it again): the study keeps that, and this end is not told."""
+    def tell() -> bool:
+        try:
+            if reason is not None:
+                optuna.Trial.set_user_attr(trial, "fail_reason", reason[:1000])
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            return True
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Ended already: by an earlier try of ours whose answer was lost, or by another.
+            stored = study.get_trials(deepcopy=False)[trial.number]
+            return stored.state == state and stored.user_attrs.get("fail_reason") == reason
 
-    faults.retry(tell, f"Recording the end of trial {trial.number}")
+    return faults.retry(tell, f"Recording the end of trial {trial.number}",
+                        faults.outage_delays())
 
 
 def ends_for_good(state: TrialState, reason: str | None) -> bool:

@@ -34,16 +34,15 @@ from psearch.engine import (children, cli, config, faults, layout, ownership, ra
                             study as study_lib, watchdog)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.engine.console import DeferredFileHandler
-from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_TOO_MANY_FAILURES,
-                                   EXIT_TRIAL_TIMEOUT, EXIT_USAGE, MAX_CONSECUTIVE_FAILURES,
-                                   UsageError)
+from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_STORAGE,
+                                   EXIT_TOO_MANY_FAILURES, EXIT_TRIAL_TIMEOUT, EXIT_USAGE,
+                                   MAX_CONSECUTIVE_FAILURES, UsageError)
 from psearch.engine.stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
-from psearch.engine.trial import (TIMEOUT, Objective, drop_resume_checkpoints, record_end,
-                                  run_one_trial)
+from psearch.engine.trial import (TAKEN_OVER, TIMEOUT, Objective, drop_resume_checkpoints,
+                                  record_end, run_one_trial)
 
 logger = logging.getLogger("worker")
 RUN_VAR = "PARALLEL_SEARCH_RUN"
-EXIT_STORAGE = 1  # the study stayed unreachable through every retry: a plain failure
 
 
 class WorkerExit(Exception):
@@ -203,9 +202,14 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
     while not stop.requested:
         try:
             trial = faults.retry(lambda: study_lib.claim_trial(
-                study, cfg, owner, cancelled=lambda: stop.requested), "Claiming a trial")
+                study, cfg, owner, cancelled=lambda: stop.requested), "Claiming a trial",
+                faults.outage_delays(), cancelled=lambda: stop.requested)
         except StopRequested:
             break
+        except Exception:  # noqa: BLE001 - the storage, given up on because of a stop
+            if stop.requested:
+                break
+            raise
         if trial is None:
             counts = study_lib.count_trials(study.get_trials(deepcopy=False), cfg.direction)
             logger.info("No budget left to start a trial (%d/%d finished, %d running here or on "
@@ -224,8 +228,9 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
         state, reason = run_one_trial(study, trial, objective, cfg, stop, on_timeout)
         if reason == faults.DISK_FULL_REASON:
             return _disk_full(cfg)
-        failures_in_row = failures_in_row + 1 if state == TrialState.FAIL and \
-            reason not in study_lib.RETRYABLE_REASONS else 0
+        if reason != TAKEN_OVER:  # another launcher's now: neither a failure nor a success
+            failures_in_row = failures_in_row + 1 if state == TrialState.FAIL and \
+                reason not in study_lib.RETRYABLE_REASONS else 0
         if failures_in_row >= MAX_CONSECUTIVE_FAILURES:
             logger.error("%d trials in a row failed (last: %s); stopping this worker. Fix the "
                          "cause (see trial_NNN/error.log) and rerun the same command to resume.",

@@ -22,6 +22,7 @@ import optuna
 import torch
 
 from psearch.engine import confirm, layout, ranks, study as study_lib
+from psearch.engine.resilient_trial import ResilientTrial
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.writer_id import distributed, model as model_lib
 from psearch.writer_id.objective import (fit_trial, load_index, make_bundle, model_spec, rank_title,
@@ -62,7 +63,7 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
                 pass
             return None
         study = study_lib.open_study(cfg, create=False)
-        trial = confirm.never_pruned(optuna.trial.Trial(study, int(spec["trial_id"])))
+        trial = confirm.never_pruned(ResilientTrial(study, int(spec["trial_id"])))
         try:
             return {"status": "complete", "value": fit_trial(trial, trainer, trial_dir, resume)}
         except optuna.TrialPruned as exc:
