@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -rfEs
 
-# The CPU benchmarks (about 15 minutes on 2 cores): writes bench/RESULTS.md. On a machine with a
+# The CPU benchmarks (about 25 minutes on 2 cores): writes bench/RESULTS.md. On a machine with a
 # GPU, also run bench/gpu_check.sh.
 bench: $(STAMP)
 	$(VENV)/bin/python bench/run_all.py
