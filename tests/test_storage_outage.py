@@ -104,10 +104,10 @@ def test_a_fast_restart_of_the_database_fails_no_trial(tmp_path, runs, own_serve
     _exact_and_clean(own_server.url, 8, launchers)
 
 
-@pytest.mark.parametrize("workers_wait_s, down_s", [(None, 20), ("6", 17)])
-def test_a_database_down_for_20_s_is_waited_out_without_a_rerun(tmp_path, runs, own_server,
+@pytest.mark.parametrize("workers_wait_s, down_s", [(None, 17), ("6", 17)])
+def test_a_database_down_for_17_s_is_waited_out_without_a_rerun(tmp_path, runs, own_server,
                                                                  workers_wait_s, down_s):
-    """Longer than the 15 s that workers used to retry before they gave up for good: workers
+    """Longer than the 15.5 s that workers used to retry before they gave up for good: workers
     wait it out (default 300 s), or, told to wait only 6 s, give up on their trials (which run
     again) and on the study, and are restarted by their launcher once it answers again."""
     env = {"PARALLEL_SEARCH_STORAGE_OUTAGE_S": workers_wait_s} if workers_wait_s else None
@@ -142,7 +142,7 @@ def test_a_database_that_never_comes_back_ends_with_one_line_and_the_rerun_hint(
     run = runs(tmp_path / "lost", ["--n_trials", "4", "--cpu_workers", "1", "--storage",
                                    own_server.url, "--pruner", "none"], sleep=30.0,
                objective=REPORTING,
-               env={"PARALLEL_SEARCH_STORAGE_OUTAGE_S": "4"})
+               env={"PARALLEL_SEARCH_STORAGE_OUTAGE_S": "2"})
     _wait_for_trials(run, 1)
     own_server.stop()
     assert run.wait(120) == 1, run.output()

@@ -565,6 +565,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
         self._count = 0
+        self._failing = False
 
     def _beat(self) -> None:
         if self._rdb:
@@ -574,16 +575,25 @@ class Heartbeat:
             self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_COUNT, self._count)
 
     def _run(self) -> None:
-        # The first beat too: the objective starts without waiting for its write.
-        self._run_once()
-        while not self._stop.wait(self._interval_s):
-            self._run_once()
+        # The first beat too: the objective starts without waiting for its write. After a beat
+        # that failed (the storage is down) the next is tried within a second, so that a trial
+        # beats again as soon as the storage is back, before others could judge it stale.
+        ok = self._run_once()
+        while not self._stop.wait(self._interval_s if ok else min(1.0, self._interval_s)):
+            ok = self._run_once()
 
-    def _run_once(self) -> None:
+    def _run_once(self) -> bool:
         try:
             self._beat()
+            if self._failing:
+                logger.info("heartbeat recorded again")
+            self._failing = False
+            return True
         except Exception as exc:  # noqa: BLE001 - a lost heartbeat must not kill the trial
-            logger.warning("heartbeat not recorded: %s", faults.one_line(exc))
+            if not self._failing:
+                logger.warning("heartbeat not recorded: %s", faults.one_line(exc))
+            self._failing = True
+            return False
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
