@@ -105,6 +105,9 @@ def test_sets_are_ranked_by_their_mean_and_the_chosen_model_is_the_best_run():
     assert (second.origin, second.mean) == (1, pytest.approx(0.6))
     assert study_lib.best_answer(ts, "maximize").number == 5
     assert study_lib.best_answer(_search([0.5, 0.9]), "maximize").number == 1  # no confirmation
+    stopped = [*_search([0.5, 0.9]),
+               _t(2, TrialState.FAIL, 0.1, confirms=1, seed=1042, fail_reason="interrupted")]
+    assert confirm.set_results(stopped, "maximize") == []  # nothing confirmed yet
 
 
 def test_a_confirmation_run_is_never_pruned():

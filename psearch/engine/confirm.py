@@ -147,9 +147,9 @@ def set_results(trials: Sequence[FrozenTrial], direction: str,
     """The confirmed sets, best mean first (ties: the search's order) (pure). A set is one whose
     trial some confirmation run repeats (so a summary needs no flags); it counts its original
     trial and its COMPLETE reruns, and as failed the runs that ended without a value for good
-    (`will_rerun(t)`: a FAIL trial that runs again). Empty when no confirmation run finished."""
+    (`will_rerun(t)`: a FAIL trial that runs again). Empty until a confirmation run completes."""
     confirms = confirmation_trials(trials)
-    if not any(t.state.is_finished() for t in confirms):
+    if not any(t.state == TrialState.COMPLETE for t in confirms):
         return []
     ranked = leaders(trials, len(trials), direction)
     origins = {t.user_attrs[CONFIRMS] for t in confirms}

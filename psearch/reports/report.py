@@ -286,7 +286,8 @@ def confirmation_section(sets: Sequence[confirm.SetResult], direction: str,
     figures = (test_metrics or {}).get("set")
     if figures and figures.get("mean"):
         mean, sd = figures["mean"], figures["sd"]
-        parts = [f"{key.replace('_', ' ')} {mean[key]:.4f}" + (
+        names = {"page_top1": "page top-1", "page_map": "mAP"}
+        parts = [f"{names[key]} {mean[key]:.4f}" + (
             f" ± {sd[key]:.4f}" if sd.get(key) is not None else "")
             for key in ("page_top1", "page_map") if key in mean]
         lines += [""] + _wrapped(f"Held-out test split over the set's {figures['n']} models: "
