@@ -135,7 +135,6 @@ class Run:
     waiting_for: int | None = None  # other launchers' trials this launcher waits for
     left_to_others: int = 0  # trials still running elsewhere when this launcher left (--no_wait)
     budget: Any = None  # study.Budget as last read (refresh_status)
-    storage_lost: bool = False  # the study stayed unreachable: the run ended without it
 
     @property
     def cfg(self) -> SearchConfig:
@@ -204,7 +203,6 @@ def storage_lost(run: Run) -> bool:
         return False
     logger.error("The study has not answered for %.0f s with no worker of this launcher "
                  "running (%s); stopping", now - run.unreachable_since, run.storage_trouble)
-    run.storage_lost = True
     return True
 
 
