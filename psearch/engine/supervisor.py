@@ -414,8 +414,8 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
              f"{counts.pruned} pruned; {counts.failed} failed runs); {best}"]
     if run.cfg.confirm_top:
         lines.append(f"Confirmation: {left.confirm_done}/{left.confirm_planned} runs over "
-                     f"(the {run.cfg.confirm_top} best sets x {run.cfg.confirm_seeds} seeds); the "
-                     "choice by mean is in summary/report.md")
+                     f"(the {run.cfg.confirm_top} best sets x {run.cfg.confirm_seeds} seeds)"
+                     + chosen_by_mean(run))
     if code == 0 and not left.complete:
         lines.append(f"{run.left_to_others} trial(s) still run on other launchers: they finish "
                      "the search (--no_wait)")
@@ -438,6 +438,20 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
     lines.append(RULE)
     say(run.status, "\n".join(lines))
     return code
+
+
+def chosen_by_mean(run: Run) -> str:
+    """'; chosen by mean: the set of trial 3 (0.812 over 3 runs), its best run trial 9' once a
+    confirmation run has completed (details in summary/report.md)."""
+    from psearch.engine import confirm
+
+    sets = confirm.set_results(run.study.get_trials(deepcopy=False), run.cfg.direction)
+    if not sets:
+        return ""
+    best = sets[0]
+    return (f"; chosen by mean: the set of trial {best.origin} ({best.mean:.4g} over {best.n} "
+            f"runs), its best run trial {best.best_run(run.cfg.direction)} "
+            "(summary/report.md)")
 
 
 def resume_command(user_argv: Sequence[str], program: str | None = None,

@@ -211,9 +211,13 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
                 break
             raise
         if trial is None:
-            counts = study_lib.count_trials(study.get_trials(deepcopy=False), cfg.direction)
-            logger.info("No budget left to start a trial (%d/%d finished, %d running here or on "
-                        "other launchers): done", counts.finished, cfg.n_trials, counts.running)
+            trials = study.get_trials(deepcopy=False)
+            left = study_lib.budget(trials, cfg.n_trials, study_lib.Confirmation.of(cfg))
+            confirming = (f", confirmation {left.confirm_done}/{left.confirm_planned}"
+                          if cfg.confirm_top else "")
+            logger.info("No budget left to start a trial (%d/%d finished%s, %d running here or "
+                        "on other launchers): done", min(left.finished, cfg.n_trials),
+                        cfg.n_trials, confirming, study_lib.count_trials(trials).running)
             return EXIT_OK
         if stop.requested:  # it came while the trial was being claimed: the trial must not run
             record_end(study, trial, TrialState.FAIL, None, study_lib.INTERRUPTED)
