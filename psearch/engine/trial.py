@@ -135,7 +135,7 @@ def record_end(study: optuna.Study, trial: optuna.Trial, state: TrialState,
     stale and another launcher runs it again): the study keeps that, and this end is not told."""
     def tell() -> bool:
         try:
-            if reason is not None:
+            if reason is not None:  # Optuna's own call: the retry around tell() does the waiting
                 optuna.Trial.set_user_attr(trial, "fail_reason", reason[:1000])
             study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
             return True
