@@ -153,9 +153,9 @@ def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], wh
     if stored is not None:
         # A study made by an earlier version lacks settings added since (the data's
         # fingerprint): they are compared from now on, not refused.
-        diffs = settings_differences(_comparable(stored),
-                                     {k: v for k, v in _comparable(settings).items()
-                                      if k in _comparable(stored)})
+        old = _comparable(stored)
+        diffs = settings_differences(old, {k: v for k, v in _comparable(settings).items()
+                                           if k in old})
         if diffs:
             raise SettingsMismatch(
                 f"the study in {where} was made with other settings ({'; '.join(diffs)}); rerun "
@@ -302,10 +302,17 @@ def budget(trials: Sequence[FrozenTrial], n_trials: int,
     if not confirm.search_over(trials, n_trials):
         return Budget(n_trials, counts.finished, left, confirmation.top * confirmation.seeds)
     slots = confirmation.slots(trials)
-    runs = confirm.confirmation_trials(trials)
-    startable = len(confirm.open_slots(trials, slots)) + len(pending_retries(runs))
-    return Budget(n_trials, counts.finished, startable, len(slots),
+    retries, open_slots = confirmation_work(trials, slots)
+    return Budget(n_trials, counts.finished, len(retries) + len(open_slots), len(slots),
                   confirm.resolved(trials, slots, will_rerun), confirming=True)
+
+
+def confirmation_work(trials: Sequence[FrozenTrial], slots: Sequence[confirm.Slot]
+                      ) -> tuple[list[FrozenTrial], list[confirm.Slot]]:
+    """What confirmation may start now (pure): its interrupted runs to rerun, oldest first, and
+    the planned `slots` no run has taken yet."""
+    return (pending_retries(confirm.confirmation_trials(trials)),
+            confirm.open_slots(trials, slots))
 
 
 def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any],
@@ -329,18 +336,18 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any]
         if recover_dead_trials(study, ownership.Host.current(), cfg.heartbeat_grace, trials):
             trials = study.get_trials(deepcopy=False)
         step, retry = claim_step(trials, owner, cfg.n_trials, Confirmation.of(cfg))
+        seeded = {**owner, confirm.SEED: cfg.seed}  # a search trial trains with --seed
         if step == "none":
             return None
         if step == "ask":  # a trial enqueued by hand: ask() takes the oldest
             trial = study.ask()
             if not _owned_by(trial, owner):
-                for key, value in {**owner, confirm.SEED: cfg.seed}.items():
+                for key, value in seeded.items():
                     trial.set_user_attr(key, value)
             return trial
         if step == "create":
             trial_id = study._storage.create_new_trial(
-                study._study_id, template_trial=_template({**owner, confirm.SEED: cfg.seed},
-                                                          retry))
+                study._study_id, template_trial=_template(seeded, retry))
             if retry is not None:
                 logger.info("Trial %d (%s) runs again as a new trial with the same "
                             "hyperparameters", retry.number, _reason(retry))
@@ -373,12 +380,10 @@ def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any], n_trials
         return "create", next_retry(own)
     if confirmation.top <= 0 or not confirm.search_over(trials, n_trials):
         return "none", None
-    runs = confirm.confirmation_trials(trials)
-    retry = next_retry(runs)
-    if retry is not None:
-        return "create", retry
-    slots = confirm.open_slots(trials, confirmation.slots(trials))
-    return ("confirm", slots[0]) if slots else ("none", None)
+    retries, open_slots = confirmation_work(trials, confirmation.slots(trials))
+    if retries:
+        return "create", retries[0]
+    return ("confirm", open_slots[0]) if open_slots else ("none", None)
 
 
 def _confirm_template(owner: Mapping[str, Any], slot: confirm.Slot) -> FrozenTrial:

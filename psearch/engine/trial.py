@@ -84,9 +84,14 @@ def taken_over(exc: BaseException) -> bool:
                for e in faults.exception_chain(exc))
 
 
+def _stored(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The trial as the study holds it now."""
+    return study.get_trials(deepcopy=False)[trial.number]
+
+
 def _stored_state(study: optuna.Study, trial: optuna.Trial) -> str:
     with contextlib.suppress(Exception):
-        stored = study.get_trials(deepcopy=False)[trial.number]
+        stored = _stored(study, trial)
         return f"{stored.state.name} ({stored.user_attrs.get('fail_reason', 'stale')})"
     return "ended"
 
@@ -141,7 +146,7 @@ def record_end(study: optuna.Study, trial: optuna.Trial, state: TrialState,
             return True
         except optuna.exceptions.UpdateFinishedTrialError:
             # Ended already: by an earlier try of ours whose answer was lost, or by another.
-            stored = study.get_trials(deepcopy=False)[trial.number]
+            stored = _stored(study, trial)
             return stored.state == state and stored.user_attrs.get("fail_reason") == reason
 
     return faults.retry(tell, f"Recording the end of trial {trial.number}",
