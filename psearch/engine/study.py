@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 import warnings
 import zlib
@@ -17,7 +16,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import confirm, faults, ownership, storage as storage_lib
+from psearch.engine import confirm, faults, heartbeat, ownership, storage as storage_lib
 from psearch.engine.config import SearchConfig, absolute_objective, redact_url
 from psearch.engine.errors import UsageError
 from psearch.engine.resilient_trial import ResilientTrial
@@ -479,35 +478,10 @@ def _fail(study: optuna.Study, trials: Sequence[FrozenTrial], reason: str) -> li
     return failed
 
 
-HEARTBEAT_COUNT = "heartbeat_n"  # user attribute: the journal heartbeat's counter
-
-
-class BeatWatch:
-    """When this process last saw each trial's journal heartbeat counter change, on its own
-    monotonic clock. A heartbeat judged by wall-clock times written on another host breaks
-    under clock skew (a host 200 s ahead failed every live trial of the others); a counter that
-    has not moved for the grace period, as this process measured it, is stale whatever the
-    clocks say. A process that has just started must watch a full grace period first."""
-
-    def __init__(self) -> None:
-        self._seen: dict[int, tuple[Any, float]] = {}
-
-    def unchanged_for(self, trial_id: int, count: Any, now: float) -> float:
-        """Seconds `count` has stayed the same for `trial_id` as of monotonic `now`."""
-        last = self._seen.get(trial_id)
-        if last is None or last[0] != count:
-            self._seen[trial_id] = (count, now)
-            return 0.0
-        return now - last[1]
-
-
-BEATS = BeatWatch()  # this process's observations (kept across claims and polls)
-
-
 def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_grace_s: int,
                 now: float, stale_ids: Collection[int] = (),
                 start_of=ownership.process_start,
-                beats: BeatWatch | None = None) -> tuple[list, list]:
+                beats: heartbeat.BeatWatch | None = None) -> tuple[list, list]:
     """RUNNING trials that are provably dead, as (owner gone from this host, heartbeat stale).
 
     An owner on this host is judged by its process (pid and start time), at once and above any
@@ -516,13 +490,13 @@ def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_g
     that `Heartbeat` writes, judged by `beats` on this process's monotonic clock `now` (pure but
     for `start_of` and what `beats` remembers).
     """
-    beats = BEATS if beats is None else beats
+    beats = heartbeat.BEATS if beats is None else beats
     gone, stale = [], []
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
         verdict = ownership.judge(t.user_attrs, here, start_of)
-        count = t.user_attrs.get(HEARTBEAT_COUNT)
+        count = t.user_attrs.get(heartbeat.HEARTBEAT_COUNT)
         if verdict == ownership.Verdict.DEAD:
             gone.append(t)
         elif verdict == ownership.Verdict.UNKNOWN and (
@@ -555,56 +529,3 @@ def recover_dead_trials(study: optuna.Study, here: ownership.Host, heartbeat_gra
         logger.warning("Trials %s sent no heartbeat for %d s (their host or worker died): they "
                        "run again", silent, heartbeat_grace_s)
     return [*crashed, *silent]
-
-
-class Heartbeat:
-    """Records a trial's heartbeat from a thread (ask/tell does not do it for us): Optuna's for an
-    RDB storage, a `heartbeat_n` counter user attribute for the journal, which has none (readers
-    judge it by how long it stays unchanged on their own clock: BeatWatch)."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval_s: float):
-        self._storage = study._storage
-        self._trial_id = trial._trial_id
-        self._interval_s = interval_s
-        self._rdb = storage_lib.rdb_backend(self._storage) is not None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
-        self._count = 0
-        self._failing = False
-
-    def _beat(self) -> None:
-        if self._rdb:
-            self._storage.record_heartbeat(self._trial_id)
-        else:
-            self._count += 1
-            self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_COUNT, self._count)
-
-    def _run(self) -> None:
-        # The first beat too: the objective starts without waiting for its write. After a beat
-        # that failed (the storage is down) the next is tried within a second, so that a trial
-        # beats again as soon as the storage is back, before others could judge it stale.
-        ok = self._run_once()
-        while not self._stop.wait(self._interval_s if ok else min(1.0, self._interval_s)):
-            ok = self._run_once()
-
-    def _run_once(self) -> bool:
-        try:
-            self._beat()
-            if self._failing:
-                logger.info("heartbeat recorded again")
-            self._failing = False
-            return True
-        except Exception as exc:  # noqa: BLE001 - a lost heartbeat must not kill the trial
-            if not self._failing:
-                logger.warning("heartbeat not recorded: %s", faults.one_line(exc))
-            self._failing = True
-            return False
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)

@@ -24,7 +24,8 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import atomic, faults, layout, storage as storage_lib, study as study_lib
+from psearch.engine import (atomic, faults, heartbeat, layout, storage as storage_lib,
+                            study as study_lib)
 from psearch.engine.config import SearchConfig
 from psearch.engine.stopping import StopFlag, StopRequested
 from psearch.engine.watchdog import TrialWatchdog
@@ -46,7 +47,7 @@ def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective
     started = time.time()
     state, reason, value = TrialState.FAIL, None, None
     with TrialWatchdog(cfg.trial_timeout if on_timeout else None, on_timeout or (lambda: None)), \
-            study_lib.Heartbeat(study, trial,
+            heartbeat.Heartbeat(study, trial,
                                 storage_lib.heartbeat_interval_s(cfg.heartbeat_grace)):
         try:
             trial_dir.mkdir(parents=True, exist_ok=True)
