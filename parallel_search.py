@@ -5,7 +5,8 @@
     python parallel_search.py ... --cpu_workers 2                  # no GPU: two CPU workers
     python parallel_search.py --demo                               # synthetic data, a few minutes
 
-The launcher itself is psearch/engine/launcher.py (installed: `parallel-search`).
+The launcher itself is psearch/engine/launcher.py, here with the built-in writer-identification
+objective as its default (psearch/writer_id/builtin.py; installed: `parallel-search`).
 """
 import sys
 
@@ -14,7 +15,7 @@ if __name__ == "__main__":  # first of all: a password typed in --storage leaves
 
     cmdline.hide_url_passwords(sys.argv[1:])
 
-from psearch.engine.launcher import main  # noqa: E402
+from psearch.writer_id.builtin import launcher_main as main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

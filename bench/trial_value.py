@@ -70,21 +70,25 @@ def sample_hparams(n: int, epochs: int) -> list[dict[str, Any]]:
     """`n` sets from the built-in search space (model `small`, from scratch), seeded sampler."""
     import optuna
 
-    from psearch.writer_id.search_space import suggest_hparams
+    from psearch.writer_id.builtin import KIND, WriterOptions
+    from psearch.writer_id.search_space import hparams
 
+    space = KIND.default_space(WriterOptions(models=("small",), no_pretrained=True))
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    return [suggest_hparams(study.ask(), ["small"], pretrained=False, epochs=epochs)
-            for _ in range(n)]
+    return [hparams(space.suggest(study.ask()), epochs) for _ in range(n)]
 
 
 def search_config(data: Path, folder: Path, args: argparse.Namespace) -> SearchConfig:
     """The settings every run shares: all epochs (patience = epochs), one small model."""
-    return SearchConfig(data_root=str(data), checkpoint_dir=str(folder), n_trials=0,
-                        epochs=args.epochs, patience=args.epochs, img_height=args.img_height,
-                        img_width=args.img_width, models=("small",), seed=FIRST_SEED,
-                        no_pretrained=True, num_workers=0,
-                        lines_per_writer=args.lines_per_writer, pruner="none")
+    from psearch.writer_id.builtin import WriterOptions
+
+    return SearchConfig(checkpoint_dir=str(folder), n_trials=1, epochs=args.epochs,
+                        seed=FIRST_SEED, pruner="none", options=WriterOptions(
+                            data_root=str(data), patience=args.epochs,
+                            img_height=args.img_height, img_width=args.img_width,
+                            models=("small",), no_pretrained=True, num_workers=0,
+                            lines_per_writer=args.lines_per_writer))
 
 
 def train_run(run: Run) -> dict[str, Any]:
@@ -103,7 +107,7 @@ def train_run(run: Run) -> dict[str, Any]:
     trainer = Trainer(model_lib.build_model(model_spec(run.hp, len(data.writers), run.cfg)), data,
                       train_config(run.hp, run.cfg, 0, run.seed), device, Path(run.folder),
                       {"title": f"set {run.set_index} seed {run.seed}"})
-    test_loader = make_loader(data.test, run.cfg.batch_size * 2, 0, device)
+    test_loader = make_loader(data.test, run.cfg.options.batch_size * 2, 0, device)
     rows: list[dict[str, float]] = []
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from psearch.engine import atomic, study as study_lib
 from psearch.reports import best_overall
+from psearch.writer_id import builtin
 
 from summary_studies import make_study, run, trial
 
@@ -83,7 +84,7 @@ def test_swap_keeps_a_complete_folder(tmp_path, monkeypatch, exchange):
 
 # ---------------------------------------------------------------- test split
 
-BUILTIN = {"objective": study_lib.BUILTIN_OBJECTIVE, "direction": "maximize"}
+BUILTIN = {"objective": builtin.NAME, "direction": "maximize"}
 
 
 def _builtin_study(tmp_path: Path) -> tuple[Path, optuna.Study]:

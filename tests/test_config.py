@@ -6,16 +6,17 @@ from psearch.engine.config import (SearchConfig, add_search_args, child_env, con
                                    config_to_argv, redact_url, resolve_storage, url_secrets,
                                    without_password)
 from psearch.engine.errors import UsageError
+from psearch.writer_id.builtin import KIND
 
 
 def build_parser():
     parser = argparse.ArgumentParser()
-    add_search_args(parser)
+    add_search_args(parser, KIND)
     return parser
 
 
 def parse(argv):
-    return config_from_args(build_parser().parse_args(argv))
+    return config_from_args(build_parser().parse_args(argv), KIND)
 
 
 def test_argv_round_trip_rebuilds_the_same_config(tmp_path):
@@ -27,8 +28,8 @@ def test_argv_round_trip_rebuilds_the_same_config(tmp_path):
                  "--keep_last"])
     argv = config_to_argv(cfg)
     assert "sqlite:///x.db" not in argv  # a URL may hold a password: it goes in the environment
-    assert config_from_args(build_parser().parse_args(argv), environ=child_env(cfg)) == cfg
-    assert cfg.models == ("small", "vit") and cfg.epochs == 7
+    assert config_from_args(build_parser().parse_args(argv), KIND, environ=child_env(cfg)) == cfg
+    assert cfg.options.models == ("small", "vit") and cfg.epochs == 7
     assert cfg.trial_timeout == 90.5 and cfg.keep_last
 
 
@@ -50,12 +51,12 @@ def test_storage_from_the_environment_and_urls_shown_without_passwords():
     assert url_secrets(query) == ["pw"]
     for plain in ("sqlite:////a/b.db", "journal:///x.log", "postgresql://ana@h/db"):
         assert redact_url(plain) == plain and url_secrets(plain) == []
-    cfg = SearchConfig(data_root=None, checkpoint_dir="/c", n_trials=1, storage=url)
+    cfg = SearchConfig(checkpoint_dir="/c", n_trials=1, storage=url)
     assert cfg.to_dict()["storage"] == "postgresql://ana:***@db.cluster:5432/search"
 
 
 def test_default_storage_is_sqlite_in_the_checkpoint_dir(tmp_path):
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=1)
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=1)
     assert cfg.storage_url == f"sqlite:///{tmp_path.resolve()}/optuna_study.db"
 
 

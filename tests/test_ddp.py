@@ -78,7 +78,7 @@ def test_banner_and_status_line_say_how_many_devices_a_trial_holds():
     counts = Counts(complete=1, running=2, best_value=0.5, best_number=0)
     line = progress.status_line(counts, 8, 60.0, None, "2 GPUs per trial")
     assert line.startswith("1/8 finished | 2 running (2 GPUs per trial) | 0 pruned")
-    cfg = SearchConfig(data_root=None, checkpoint_dir="c", n_trials=8, gpus_per_trial=2)
+    cfg = SearchConfig(checkpoint_dir="c", n_trials=8, gpus_per_trial=2, objective="x.py:f")
     banner = console.banner_head(cfg, gpu_slots, 1, counts, 4, "node1")
     assert "GPUs: 0,1; 2,3 (2 GPUs per trial, 2 trial(s) at a time)" in banner
 

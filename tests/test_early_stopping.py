@@ -8,6 +8,7 @@ import torch
 
 from psearch.engine.config import SearchConfig
 from psearch.writer_id import model as model_lib, objective, trial_value
+from psearch.writer_id.builtin import WriterOptions
 from psearch.writer_id.synthetic import make_synthetic
 from psearch.writer_id.train import Trainer
 
@@ -30,10 +31,9 @@ def fit(data, out, lr: float, epochs: int, patience: int, frozen: bool = False):
     """Train one trial to its end: (the trial value's definition, fit's result, history.csv).
     `frozen`: BatchNorm keeps its initial statistics, so that with a learning rate too small to
     move a weight nothing the validation sees changes from epoch to epoch."""
-    cfg = SearchConfig(data_root=str(data), checkpoint_dir=str(out), n_trials=1, epochs=epochs,
-                       patience=patience, batch_size=8, img_height=32, img_width=128,
-                       models=("small",), no_pretrained=True, num_workers=0,
-                       lines_per_writer=8)
+    cfg = SearchConfig(checkpoint_dir=str(out), n_trials=1, epochs=epochs, options=WriterOptions(
+        data_root=str(data), patience=patience, batch_size=8, img_height=32, img_width=128,
+        models=("small",), no_pretrained=True, num_workers=0, lines_per_writer=8))
     hp = {**HP, "lr": lr}
     bundle = objective.make_bundle(cfg, *objective.load_index(cfg))
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ from psearch.engine.config import SearchConfig
 from psearch.engine.errors import UsageError
 from psearch.reports import summary
 from psearch.writer_id import data_index, evaluate, model as model_lib, objective
-from psearch.writer_id.search_space import suggest_hparams
+from psearch.writer_id.builtin import KIND, WriterOptions
+from psearch.writer_id.search_space import hparams
 from psearch.writer_id.synthetic import make_synthetic
 
 METRICS = ("page_top1", "page_top5", "page_map", "line_acc", "page_cls_acc")
@@ -28,11 +29,12 @@ def best_model(tmp_path_factory):
     # 6 pages: 3 train, 2 val, 1 test (split into two half-pages, so retrieval can be measured)
     data = make_synthetic(root / "data", writers=3, pages_per_writer=6, lines_per_page=2,
                           height=32)
-    cfg = SearchConfig(data_root=str(data), checkpoint_dir=str(root / "run"), n_trials=1,
-                       batch_size=4, img_height=32, img_width=128, models=("small",),
-                       no_pretrained=True)
-    writers = data_index.index_dataset(cfg.data_root).writers
-    hp = suggest_hparams(optuna.create_study().ask(), cfg.models, pretrained=False, epochs=1)
+    options = WriterOptions(data_root=str(data), batch_size=4, img_height=32, img_width=128,
+                            models=("small",), no_pretrained=True)
+    cfg = SearchConfig(checkpoint_dir=str(root / "run"), n_trials=1, options=options,
+                       space=KIND.default_space(options))
+    writers = data_index.index_dataset(options.data_root).writers
+    hp = hparams(cfg.space.suggest(optuna.create_study().ask()), epochs=1)
     net = model_lib.build_model(objective.model_spec(hp, len(writers), cfg))
     meta = {"trial_number": 0, "hyperparameters": hp, "settings": cfg.to_dict(),
             "title": "Trial 0 (small)", "epoch": 1, "metrics": {}}

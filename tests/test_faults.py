@@ -135,7 +135,7 @@ def test_a_wait_for_a_held_database_or_journal_lock_can_be_cancelled(tmp_path, k
     storage = {"journal": lambda: f"journal:///{tmp_path / 'study.log'}",
                "postgresql": lambda: request.getfixturevalue("postgres_url"),
                "mysql": lambda: request.getfixturevalue("mysql_url")}[kind]()
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=2,
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=2,
                        objective="x.py:f", storage=storage)
     study = study_lib.open_study(cfg)
     owner = ownership.owner_attrs(ownership.Host.current(), run="lock-test", worker="w")
@@ -177,7 +177,7 @@ class _held_budget_lock:
 
 
 def test_a_stop_that_comes_while_a_trial_is_claimed_keeps_that_trial_from_running(tmp_path):
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=3,
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=3,
                        objective="x.py:f")
     study = study_lib.open_study(cfg)
 
@@ -197,7 +197,7 @@ def test_a_stop_that_comes_while_a_trial_is_claimed_keeps_that_trial_from_runnin
 
 
 def test_a_claim_tried_again_after_a_storage_error_takes_the_trial_it_queued(tmp_path):
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=3,
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=3,
                        objective="x.py:f")
     study = study_lib.open_study(cfg)
     owner = ownership.owner_attrs(ownership.Host.current(), run="retry-test", worker="w")
@@ -431,11 +431,11 @@ def test_a_refused_rerun_leaves_the_study_and_the_logs_as_they_were(tmp_path):
 def test_an_old_study_with_a_relative_objective_path_is_the_same_objective(tmp_path,
                                                                            monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=1,
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=1,
                        objective=f"{tmp_path / 'obj.py'}:f")
     study = study_lib.open_study(cfg)
     study.set_user_attr("search_settings", {"objective": "obj.py:f", "direction": "maximize"})
-    study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, None), "here")
+    study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, {}), "here")
     with pytest.raises(study_lib.SettingsMismatch, match="objective: stored"):
         study_lib.check_or_store_settings(study, {"objective": f"{tmp_path / 'other.py'}:f",
                                                   "direction": "maximize"}, "here")

@@ -15,7 +15,7 @@ import pytest
 
 from psearch.engine import forked, storage as storage_lib
 from psearch.engine.errors import UsageError
-from psearch.engine.worker import load_objective
+from psearch.engine.objectives import load_function as load_objective
 
 PY = sys.executable
 HERE = sys.modules[__name__]

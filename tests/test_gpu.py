@@ -62,7 +62,7 @@ def test_amp_training_epoch_on_gpu(data, tmp_path, model_type, size):
 
 
 def test_memory_is_released_after_an_out_of_memory_trial(tmp_path):
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=2,
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=2,
                        objective="x.py:f")
     study = study_lib.open_study(cfg)
     baseline = torch.cuda.memory_allocated()

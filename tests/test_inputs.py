@@ -210,10 +210,10 @@ def test_gpu_ids_are_checked_against_what_the_driver_lists():
 
 def test_worker_count_limits_follow_cores_and_memory():
     gib = 1 << 30
-    assert devices.max_workers(2, 24 * gib, builtin_objective=False) == 8
-    assert devices.max_workers(64, 24 * gib, builtin_objective=True) == 24
-    assert devices.max_workers(64, None, builtin_objective=True) == 256
-    assert devices.max_workers(1, gib // 2, builtin_objective=True) == 1
+    assert devices.max_workers(2, 24 * gib, per_worker=192 << 20) == 8
+    assert devices.max_workers(64, 24 * gib, per_worker=gib) == 24
+    assert devices.max_workers(64, None, per_worker=gib) == 256
+    assert devices.max_workers(1, gib // 2, per_worker=gib) == 1
     devices.check_worker_count(8, 8, 2, 24 * gib, "--cpu_workers 8")
     with pytest.raises(UsageError, match=r"--cpu_workers 9 asks for 9 workers; .* at most 8 "
                                          r"\(2 cores, 24.0 GiB memory\)"):

@@ -18,6 +18,7 @@ from psearch.engine import console, devices, launcher as ps, ownership, progress
 from psearch.engine.config import SearchConfig, child_env, config_from_args
 from psearch.engine.study import Counts
 from psearch.engine.workers import Controller, Worker, backoff_s
+from psearch.writer_id.builtin import KIND, WriterOptions
 
 from launcher_runs import ROOT, SLEEPY, _descendants_by_env, by_state, envs, max_overlap, trials
 
@@ -66,27 +67,31 @@ def test_trials_per_worker(to_run, workers, text):
 
 
 def test_demo_defaults_yield_to_explicit_flags():
-    parser = ps.build_parser()
-    ns = parser.parse_args(ps.with_demo_defaults(["--demo", "--n_trials", "3", "--epochs", "2"]))
+    parser = ps.build_parser(KIND)
+    ns = parser.parse_args(ps.with_demo_defaults(["--demo", "--n_trials", "3", "--epochs", "2"],
+                                                 KIND))
     assert (ns.n_trials, ns.epochs, ns.models, ns.img_width) == (3, 2, "small", 640)
     assert (ns.data_root, ns.checkpoint_dir, ns.no_pretrained) == ("demo_data", "demo_runs", True)
-    assert ps.with_demo_defaults(["--n_trials", "3"]) == ["--n_trials", "3"]
+    assert ps.with_demo_defaults(["--n_trials", "3"], KIND) == ["--n_trials", "3"]
+    assert ps.with_demo_defaults(["--demo"], None) == ["--demo"]  # no default objective, no demo
 
 
 def test_worker_argv_rebuilds_the_same_config_with_capped_loaders(tmp_path):
-    cfg = SearchConfig(data_root=str(tmp_path), checkpoint_dir=str(tmp_path / "c d"), n_trials=24,
-                       num_workers=8, models=("small",), storage="sqlite:////x y.db")
-    argv = ps.worker_argv(cfg, loaders=1, python="py")
-    assert argv[:3] == ["py", "-m", ps.WORKER_MODULE]
+    options = WriterOptions(data_root=str(tmp_path), num_workers=8, models=("small",))
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path / "c d"), n_trials=24, options=options,
+                       storage="sqlite:////x y.db", kind=KIND, space=KIND.default_space(options))
+    argv = ps.worker_argv(cfg, threads=1, python="py")
+    assert argv[:3] == ["py", "-m", KIND.worker_module]
     assert "sqlite:////x y.db" not in argv  # the storage URL travels in the environment
-    ns = ps.build_parser().parse_args(argv[3:])
-    assert config_from_args(ns, environ=child_env(cfg)) == \
-        SearchConfig(**{**cfg.__dict__, "num_workers": 1})
+    ns = ps.build_parser(KIND).parse_args(argv[3:])
+    assert config_from_args(ns, KIND, environ=child_env(cfg)) == \
+        SearchConfig(**{**cfg.__dict__, "options": WriterOptions(**{
+            **options.__dict__, "num_workers": devices.loader_processes(8, 1)})})
 
 
 def test_build_workers_pins_each_worker_to_the_parents_id(tmp_path):
-    cfg = SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=24, num_workers=4,
-                       objective="x.py:f")
+    cfg = SearchConfig(checkpoint_dir=str(tmp_path), n_trials=24, kind=KIND,
+                       options=WriterOptions(data_root=str(tmp_path), num_workers=4))
     env = {"CUDA_VISIBLE_DEVICES": "0,1,3", "HOME": "/h"}
     slots = devices.choose_workers(None, None, 1, env, lambda: [])
     workers = ps.build_workers(cfg, slots, "20260101_000000", env, parent_pid=7, n_cores=8,
@@ -170,7 +175,9 @@ def test_the_launcher_never_imports_torch():
     code = ("import sys, parallel_search\n"
             "from psearch.engine import (launcher as ps, console, devices, progress, study,\n"
             "                            supervisor as sup, workers)\n"
-            "ps.build_parser().parse_args(ps.with_demo_defaults(['--demo']))\n"
+            "from psearch.writer_id.builtin import KIND\n"
+            "ns = ps.build_parser(KIND).parse_args(ps.with_demo_defaults(['--demo'], KIND))\n"
+            "KIND.default_space(KIND.space_options(ns))\n"
             "devices.choose_workers(None, None, 1, {}, devices.probe_gpus, cpu_fallback=2)\n"
             "console.trials_per_worker(24, 4); sup.classify_exit(3)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

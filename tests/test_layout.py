@@ -15,7 +15,7 @@ ENTRY_POINTS = {"parallel_search.py", "single_gpu_hyperparameter_search.py", "su
                 "model.py", "dataset.py"}
 # The modules that bridge the study (optuna) and the ML code: the built-in objective, one rank of
 # it on several devices, and the hyperparameters its trials suggest.
-BRIDGE = {PACKAGE / "writer_id" / "objective.py", PACKAGE / "writer_id" / "search_space.py",
+BRIDGE = {PACKAGE / "writer_id" / "objective.py", PACKAGE / "writer_id" / "builtin.py",
           PACKAGE / "writer_id" / "ddp_objective.py"}
 
 
@@ -50,12 +50,24 @@ def test_the_root_holds_the_entry_points_and_little_else():
     assert ENTRY_POINTS <= root_py and len(root_py) <= 8, sorted(root_py)
 
 
-def test_the_engine_never_imports_torch_or_the_built_in_objective():
+def test_the_engine_never_imports_torch_nor_any_objective():
+    """The engine knows an objective only through engine/objectives.py: the entry points hand it
+    the built-in one, so nothing under psearch/engine names psearch.writer_id (not even lazily)."""
     assert modules("engine")
-    forbidden = ("torch", "torchvision", "psearch.writer_id.train", "psearch.writer_id.model",
-                 "psearch.writer_id.dataset")
-    # the worker loads the built-in objective lazily, only when it runs it
+    forbidden = ("torch", "torchvision", "psearch.writer_id", "psearch.reports")
     assert offending(modules("engine"), forbidden) == {}
+    # nor by a module name in a string (importlib, `python -m`)
+    mentions = [p.name for p in modules("engine") if "psearch.writer_id" in p.read_text()]
+    assert mentions == [], f"the engine names the built-in objective in {mentions}"
+
+
+def test_loading_every_engine_module_loads_no_objective():
+    code = ("import sys, pkgutil, importlib, psearch.engine as e\n"
+            "for m in pkgutil.iter_modules(e.__path__):\n"
+            "    importlib.import_module('psearch.engine.' + m.name)\n"
+            "assert not [m for m in sys.modules if m.startswith('psearch.writer_id')], "
+            "sorted(m for m in sys.modules if m.startswith('psearch.'))\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_ml_code_imports_neither_optuna_nor_the_cli_flags():

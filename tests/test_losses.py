@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from psearch.writer_id import losses
-from psearch.writer_id.search_space import suggest_hparams
+from psearch.writer_id.builtin import KIND, WriterOptions
+from psearch.writer_id.search_space import hparams
 from psearch.writer_id.train import is_better, lr_factor
 
 
@@ -58,7 +59,8 @@ def test_is_better_uses_the_score_then_map_and_never_nan():
 def _suggest(models, pretrained, seed):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     trial = study.ask()
-    return suggest_hparams(trial, models, pretrained, epochs=20), trial.params
+    space = KIND.default_space(WriterOptions(models=tuple(models), no_pretrained=not pretrained))
+    return hparams(space.suggest(trial), epochs=20), trial.params
 
 
 def test_search_space_suggests_only_what_applies():

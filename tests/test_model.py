@@ -10,7 +10,7 @@ import torchvision
 from psearch.engine.errors import UsageError
 from psearch.writer_id import backbones, model
 from psearch.writer_id.model import ModelSpec, build_model
-from psearch.writer_id.search_space import MAX_SUGGESTED_FREEZE
+from psearch.writer_id.builtin import KIND, WriterOptions
 
 CONVNEXT_FILE = os.path.basename(torchvision.models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1.url)
 VIT_FILE = os.path.basename(torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.url)
@@ -229,8 +229,11 @@ def test_freezing_random_weights_is_refused():
 
 
 def test_the_search_suggests_freezing_within_what_each_model_allows():
-    assert set(MAX_SUGGESTED_FREEZE) == set(model.FREEZABLE_UNITS)
-    for model_type, top in MAX_SUGGESTED_FREEZE.items():
+    space = KIND.default_space(WriterOptions(models=("small", "convnext", "vit")))
+    highs = {entry.when[0][1][0]: entry.distribution.high
+             for entry in dict(space.params)["freeze"]}
+    assert set(highs) == set(model.FREEZABLE_UNITS)
+    for model_type, top in highs.items():
         assert 0 < top <= model.FREEZABLE_UNITS[model_type], model_type
 
 

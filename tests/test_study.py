@@ -11,10 +11,11 @@ from optuna.trial import TrialState, create_trial
 
 from psearch.engine import heartbeat, ownership, storage as storage_lib, study as study_lib
 from psearch.engine.config import SearchConfig
+from psearch.writer_id.builtin import KIND, NAME
 
 
 def _cfg(tmp_path, **kw):
-    return SearchConfig(data_root=None, checkpoint_dir=str(tmp_path), n_trials=kw.pop("n", 4),
+    return SearchConfig(checkpoint_dir=str(tmp_path), n_trials=kw.pop("n", 4),
                         objective="x.py:f", **kw)
 
 
@@ -75,13 +76,16 @@ def test_settings_differences_and_refusal(tmp_path):
 
 def test_a_study_from_before_trial_values_resumes_only_with_the_value_it_used(tmp_path):
     """Built-in studies stored no trial_value: their values were best-epoch page top-1."""
-    builtin = {"objective": study_lib.BUILTIN_OBJECTIVE, "direction": "maximize", "epochs": 8}
+    builtin = {"objective": NAME, "direction": "maximize", "epochs": 8}
+    legacy = KIND.legacy_settings(_cfg(tmp_path))
     study = study_lib.open_study(_cfg(tmp_path))
     study.set_user_attr("search_settings", builtin)
     with pytest.raises(study_lib.SettingsMismatch,
                        match="trial_value: stored 'top1_best', now 'map_smooth3'"):
-        study_lib.check_or_store_settings(study, {**builtin, "trial_value": "map_smooth3"}, "x")
-    study_lib.check_or_store_settings(study, {**builtin, "trial_value": "top1_best"}, "x")
+        study_lib.check_or_store_settings(study, {**builtin, "trial_value": "map_smooth3"}, "x",
+                                          legacy=legacy)
+    study_lib.check_or_store_settings(study, {**builtin, "trial_value": "top1_best"}, "x",
+                                      legacy=legacy)
 
 
 def test_direction_mismatch_is_refused(tmp_path):
@@ -257,7 +261,7 @@ def test_heartbeat_grace_is_stored_once_and_must_match(tmp_path):
 
 def _race(args):
     checkpoint_dir, storage, n_trials = args
-    cfg = SearchConfig(data_root=None, checkpoint_dir=checkpoint_dir, n_trials=n_trials,
+    cfg = SearchConfig(checkpoint_dir=checkpoint_dir, n_trials=n_trials,
                        objective="x.py:f", storage=storage)
     study = study_lib.open_study(cfg)
     owner = _owner("w", run=f"race-{os.getpid()}")

@@ -1,5 +1,5 @@
 """How the search starts its helper processes (the workers, the preparation step, the summary,
-the demo's data generator): `python -m` this package's modules, with the package on PYTHONPATH so
+an objective's own helpers): `python -m` this package's modules, with the package on PYTHONPATH so
 they run from any folder, installed or not, and the storage URL in the environment, never on a
 command line. Pure functions."""
 from __future__ import annotations
@@ -12,9 +12,7 @@ from typing import Mapping
 from psearch.engine.config import SearchConfig, child_env, redact_url, storage_argv
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
-WORKER_MODULE = "psearch.engine.worker"
 SUMMARY_MODULE = "psearch.reports.summary"
-SYNTHETIC_MODULE = "psearch.writer_id.synthetic"
 # What the preparation step logs once the arguments, the data and the study are checked: from
 # then on nothing can be refused, and the launcher shows its progress.
 PREPARED_MARKER = "Arguments, data and study checked"

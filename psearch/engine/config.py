@@ -11,13 +11,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from psearch.engine import layout, paths
+from psearch.engine import objectives, paths
 from psearch.engine.errors import UsageError
 from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
-from psearch.writer_id.names import DEFAULT_TRIAL_VALUE, MODEL_CHOICES, TRIAL_VALUES
+from psearch.engine.objectives import ObjectiveKind
 
+if TYPE_CHECKING:  # loads optuna: the launcher loads it only once it runs single-threaded
+    from psearch.engine.space import Space
+
+# The name studies have had from the start (whatever their objective): a rerun must find them.
 DEFAULT_STUDY_NAME = "writer_id_search"
 PRUNER_CHOICES = ("median", "asha", "hyperband", "none")
 # Below this, a heartbeat delayed by a busy database could make a live trial look dead.
@@ -30,37 +34,33 @@ CHILD_STORAGE_VAR = "PARALLEL_SEARCH_STORAGE"
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Everything a search run needs, resolved once from the command line."""
+    """Everything a search run needs, resolved once from the command line: the engine's settings,
+    and the objective's own (`options`, built by its kind from its flags)."""
 
-    data_root: str | None
     checkpoint_dir: str
     n_trials: int
-    use_all_writers: bool = False
-    num_writers_subset: int | None = None
     epochs: int = 70
-    patience: int = 15
-    batch_size: int = 16
-    img_height: int = 160
-    img_width: int = 1760
-    models: tuple[str, ...] = ("convnext", "vit")
     seed: int = 42
-    no_pretrained: bool = False
-    num_workers: int = 4
-    max_val_pages_per_writer: int = 20
-    lines_per_writer: int = 300
     storage: str | None = None
     study_name: str = DEFAULT_STUDY_NAME
     objective: str | None = None
     direction: str = "maximize"
-    cache_dir: str | None = None
     heartbeat_grace: int = 90
     trial_timeout: float | None = None
     keep_last: bool = False
     pruner: str = "median"
     gpus_per_trial: int = 1
-    trial_value: str = DEFAULT_TRIAL_VALUE
     confirm_top: int = 0
     confirm_seeds: int = 0
+    space_file: str | None = None
+    enqueue_file: str | None = None
+    warm_start: str | None = None
+    warm_start_study: str | None = None
+    enqueue: tuple = ()  # --enqueue's parameter sets, checked against the space
+    options: Any = None  # the objective's own settings (a frozen dataclass of its kind)
+    space: "Space | None" = None  # the space in force (space_in_force)
+    # What runs the trials: the entry point's default kind, or --objective's.
+    kind: "ObjectiveKind | None" = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def storage_url(self) -> str:
@@ -68,19 +68,24 @@ class SearchConfig:
         return self.storage or default_storage_url(self.checkpoint_dir)
 
     @property
-    def image_cache_dir(self) -> Path:
-        """Where preprocessed pixels are cached (keyed by data and image size inside)."""
-        return Path(self.cache_dir) if self.cache_dir else layout.cache_dir(self.checkpoint_dir)
-
-    @property
-    def builtin_objective(self) -> bool:
-        """True when trials train the writer-identification models of this project."""
-        return self.objective is None
+    def objective_kind(self) -> ObjectiveKind:
+        """The kind of objective the trials run (a bare config with --objective: that file)."""
+        if self.kind is not None:
+            return self.kind
+        if self.objective is None:
+            raise UsageError("no objective: pass --objective path/to/file.py:NAME")
+        return objectives.PythonFunction(self.objective)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready copy (tuples become lists), safe to write: the storage's password hidden."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready copy (tuples become lists), safe to write: the storage's password hidden;
+        the objective's own settings beside the engine's."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("options", "kind", "space", "enqueue")}
+        if dataclasses.is_dataclass(self.options):
+            d.update(dataclasses.asdict(self.options))
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
         d["storage"] = redact_url(self.storage) if self.storage else None
+        d["space"] = self.space.to_data() if self.space is not None else None
         return d
 
 
@@ -131,57 +136,39 @@ def resolve_storage(spec: str | None, environ: Mapping[str, str]) -> str | None:
     return url
 
 
-def add_search_args(parser: argparse.ArgumentParser) -> None:
-    """Add the flags shared by the worker and the launcher; every help states its default."""
-    d = SearchConfig(data_root=None, checkpoint_dir="", n_trials=0)
+def add_search_args(parser: argparse.ArgumentParser, kind: ObjectiveKind | None = None) -> None:
+    """Add the engine's flags shared by the worker and the launcher, then the objective kind's
+    own; every help states its default."""
+    d = SearchConfig(checkpoint_dir="", n_trials=0)
     a = parser.add_argument
-    a("--data_root", help="data set root holding train/ val/ [test/] writer folders, or writer "
-      "folders directly (then split deterministically by page). Required unless --objective "
-      "(default: none)")
-    a("--checkpoint_dir", required=True, help="folder for the study, logs, trial folders and summary "
+    a("--checkpoint_dir", help="folder for the study, logs, trial folders and summary "
       "(required)")
-    a("--n_trials", type=int, required=True, help="total finished (complete + pruned) trials the "
+    a("--n_trials", type=int, help="total finished (complete + pruned) trials the "
       "study should hold; rerunning with a larger number runs the difference (required)")
-    a("--use_all_writers", action="store_true", help="use every writer (this is the default; the "
-      "flag is accepted for old scripts and conflicts with --num_writers_subset)")
-    a("--num_writers_subset", type=int, default=None, help="use only the first K writers in sorted "
-      "order (default: all writers)")
-    a("--epochs", type=int, default=d.epochs, help=f"maximum epochs per trial (default: {d.epochs})")
-    a("--patience", type=int, default=d.patience, help="early-stopping patience in epochs without a "
-      f"better trial value score (see --trial_value) (default: {d.patience})")
-    a("--trial_value", default=d.trial_value, choices=TRIAL_VALUES, help="how a trial's value is "
-      "read off its validation curve (also what is reported for pruning, what early stopping "
-      "waits for, and which epoch's weights become best_model.pth): map_smooth3 is the best mean "
-      "page mAP over 3 consecutive epochs, *_best the single best epoch, map_last3 the last 3 "
-      "epochs; a study made before this flag existed used top1_best "
-      f"(default: {d.trial_value})")
-    a("--batch_size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
-    a("--img_height", type=int, default=d.img_height, help="line image height after resizing "
-      f"(default: {d.img_height})")
-    a("--img_width", type=int, default=d.img_width, help="line image width after padding/cropping "
-      f"(default: {d.img_width})")
-    a("--models", default=",".join(d.models), help="comma list of model types to search over, from "
-      f"{','.join(MODEL_CHOICES)} (default: {','.join(d.models)})")
+    a("--epochs", type=int, default=d.epochs, help="maximum epochs (reported steps) per trial; "
+      f"the pruners' scale (default: {d.epochs})")
     a("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
-    a("--no_pretrained", action="store_true", help="start ConvNeXt/ViT from random weights instead "
-      "of ImageNet weights (default: pretrained)")
-    a("--num_workers", type=int, default=d.num_workers, help="data-loader processes per worker "
-      f"(default: {d.num_workers}; the launcher caps it to the cores each worker gets)")
-    a("--max_val_pages_per_writer", type=int, default=d.max_val_pages_per_writer, help="validation "
-      f"pages per writer, a fixed deterministic subset (default: {d.max_val_pages_per_writer})")
-    a("--lines_per_writer", type=int, default=d.lines_per_writer, help="training lines drawn per "
-      f"writer each epoch (default: {d.lines_per_writer})")
+    a("--space", default=None, dest="space_file", metavar="FILE.yaml", help="the search space: "
+      "a YAML file of parameters (see --show_space for the format and the default) (default: "
+      "the objective's own)")
+    a("--enqueue", default=None, dest="enqueue_file", metavar="FILE.yaml", help="known "
+      "parameter sets to run first, a YAML list such as '- {lr: 1.0e-4}' (a partial set samples "
+      "the rest); enqueued once per study, counted in --n_trials (default: none)")
+    a("--warm_start", default=None, metavar="SOURCE", help="add the COMPLETE trials of an "
+      "earlier study (its checkpoint folder, or a storage URL with --warm_start_study) that fit "
+      "the space as finished trials the sampler learns from; they are not counted in "
+      "--n_trials, never rerun, never best_overall (default: none)")
+    a("--warm_start_study", default=None, metavar="NAME", help="the study to warm start from in "
+      "--warm_start's storage (default: its only study)")
     a("--storage", default=None, help="Optuna storage URL, or env:NAME to read it from the "
       "environment variable NAME (keeps a password off the command line) (default: "
       f"sqlite:///CHECKPOINT_DIR/{STUDY_DB_NAME})")
     a("--study_name", default=d.study_name, help=f"study name (default: {d.study_name})")
     a("--objective", default=None, help="custom objective path/to/file.py:NAME or package.module:NAME,"
-      " called as NAME(trial, trial_dir) -> float (default: the built-in writer-identification "
-      "objective)")
+      " called as NAME(trial, trial_dir) -> float (default: "
+      f"{kind.description if kind is not None else 'none, required'})")
     a("--direction", default=d.direction, choices=("maximize", "minimize"),
       help=f"optimisation direction (default: {d.direction})")
-    a("--cache_dir", default=None, help="folder for the preprocessed-image cache (default: "
-      "CHECKPOINT_DIR/cache)")
     a("--heartbeat_grace", type=int, default=d.heartbeat_grace, help="seconds without a heartbeat "
       "after which a trial of another host counts as dead and runs again; the same for every "
       "launcher of a study (default: %d)" % d.heartbeat_grace)
@@ -201,52 +188,40 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     a("--trial_timeout", type=float, default=None, help="seconds a trial may run; a trial past it "
       "fails with reason 'timeout', its processes are killed and the worker starts the next trial "
       "(default: no limit)")
-    a("--keep_last", action="store_true", help="keep each finished trial's last.pth (the resume "
-      "checkpoint, as big as the model and its optimizer state) (default: removed once the trial "
-      "has finished; best_model.pth is always kept)")
+    a("--keep_last", action="store_true", help="keep each finished trial's resume checkpoint "
+      "(last.pth for the built-in objective: as big as the model and its optimizer state) "
+      "(default: removed once the trial has finished; best_model.pth is always kept)")
+    from psearch.engine import program
+
+    program.add_args(parser)
+    if kind is not None:
+        kind.add_args(parser)
 
 
 _OBJECTIVE_RE = re.compile(r"^(?:.+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*$")
 
 
-def config_from_args(ns: argparse.Namespace,
+def config_from_args(ns: argparse.Namespace, kind: ObjectiveKind | None = None,
                      environ: Mapping[str, str] | None = None) -> SearchConfig:
     """Validate parsed flags and build the frozen config; raise UsageError naming the bad value.
+    `kind`: the objective the flags chose (objectives.choose); its own flags become `options`.
     `environ` (default: this process's) resolves `--storage env:NAME`."""
-    models = tuple(m.strip() for m in str(ns.models).split(",") if m.strip())
-    _check(bool(models), f"--models {ns.models!r} names no model; use a comma list of "
-           f"{','.join(MODEL_CHOICES)}")
-    for m in models:
-        _check(m in MODEL_CHOICES, f"--models: unknown model {m!r}; choose from "
-               f"{','.join(MODEL_CHOICES)}")
+    missing = [flag for flag in ("checkpoint_dir", "n_trials") if getattr(ns, flag) is None]
+    _check(not missing, f"the following arguments are required: "
+           f"{', '.join('--' + flag for flag in missing)}")
     _check(ns.n_trials >= 1, f"--n_trials must be at least 1, got {ns.n_trials}")
-    for flag in ("epochs", "batch_size", "img_height", "img_width", "max_val_pages_per_writer",
-                 "lines_per_writer"):
-        value = getattr(ns, flag)
-        _check(value >= 1, f"--{flag} must be at least 1, got {value}")
-    _check(ns.patience >= 1, f"--patience must be at least 1, got {ns.patience}")
-    _check(ns.num_workers >= 0, f"--num_workers must be 0 or more, got {ns.num_workers}")
-    _check(ns.img_height >= 16 and ns.img_width >= 16,
-           f"--img_height/--img_width must be at least 16 pixels, got {ns.img_height}x{ns.img_width}")
-    if ns.num_writers_subset is not None:
-        _check(not ns.use_all_writers, "--use_all_writers conflicts with --num_writers_subset "
-               f"{ns.num_writers_subset}; pass one of them")
-        _check(ns.num_writers_subset >= 2, "--num_writers_subset must be at least 2 (writer "
-               f"identification needs two writers), got {ns.num_writers_subset}")
+    _check(ns.epochs >= 1, f"--epochs must be at least 1, got {ns.epochs}")
     if ns.objective is not None:
         _check(bool(_OBJECTIVE_RE.match(ns.objective)), f"--objective {ns.objective!r} is not of "
                "the form path/to/file.py:NAME or package.module:NAME")
         if ns.objective.split(":")[0].endswith(".py"):
             path = ns.objective.rsplit(":", 1)[0]
             _check(os.path.isfile(path), f"--objective: file {path!r} does not exist")
-    else:
-        _check(ns.data_root is not None, "--data_root is required with the built-in objective "
-               "(or pass --objective FILE.py:NAME)")
-    if ns.data_root is not None and ns.objective is None:
-        _check(os.path.isdir(ns.data_root), f"--data_root {ns.data_root!r} is not a folder")
+    kind = kind if kind is not None else objectives.choose(ns, None)
+    options = kind.options(ns)
+    space = space_in_force(kind, options, ns.space_file)
     _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
     checkpoint_dir = paths.check_output_dir("--checkpoint_dir", ns.checkpoint_dir)
-    cache_dir = paths.check_output_dir("--cache_dir", ns.cache_dir) if ns.cache_dir else None
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
            f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
     _check(ns.gpus_per_trial >= 1, f"--gpus_per_trial must be at least 1, got {ns.gpus_per_trial}")
@@ -254,22 +229,62 @@ def config_from_args(ns: argparse.Namespace,
     if ns.trial_timeout is not None:
         _check(ns.trial_timeout > 0, f"--trial_timeout must be more than 0 seconds, got "
                f"{ns.trial_timeout:g}")
+    _check(ns.warm_start_study is None or ns.warm_start is not None, "--warm_start_study "
+           f"{ns.warm_start_study} needs --warm_start SOURCE (the folder or storage URL)")
     return SearchConfig(
-        data_root=str(Path(ns.data_root).resolve()) if ns.data_root else None,
-        checkpoint_dir=str(checkpoint_dir),
-        n_trials=ns.n_trials, use_all_writers=bool(ns.use_all_writers),
-        num_writers_subset=ns.num_writers_subset, epochs=ns.epochs, patience=ns.patience,
-        batch_size=ns.batch_size, img_height=ns.img_height, img_width=ns.img_width, models=models,
-        seed=ns.seed, no_pretrained=bool(ns.no_pretrained), num_workers=ns.num_workers,
-        max_val_pages_per_writer=ns.max_val_pages_per_writer,
-        lines_per_writer=ns.lines_per_writer,
+        checkpoint_dir=str(checkpoint_dir), n_trials=ns.n_trials, epochs=ns.epochs, seed=ns.seed,
         storage=resolve_storage(ns.storage, os.environ if environ is None else environ),
         study_name=ns.study_name,
         objective=absolute_objective(ns.objective), direction=ns.direction,
-        cache_dir=str(cache_dir) if cache_dir else None,
         heartbeat_grace=ns.heartbeat_grace, trial_timeout=ns.trial_timeout,
         keep_last=bool(ns.keep_last), pruner=ns.pruner, gpus_per_trial=ns.gpus_per_trial,
-        trial_value=ns.trial_value, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
+        confirm_top=confirm_top, confirm_seeds=confirm_seeds,
+        space_file=_existing_file("--space", ns.space_file), space=space,
+        enqueue_file=_existing_file("--enqueue", ns.enqueue_file),
+        enqueue=enqueued_sets(ns.enqueue_file, space),
+        warm_start=_warm_source(ns.warm_start), warm_start_study=ns.warm_start_study,
+        options=options, kind=kind)
+
+
+def space_in_force(kind: ObjectiveKind, options: Any, space_file: str | None) -> Space | None:
+    """The space trials suggest from: --space's file (checked against the parameters the
+    objective takes, completed as it runs it), else the objective's default (UsageError naming
+    the file, the parameter and the fix)."""
+    from psearch.engine import space as space_lib
+
+    if space_file is None:
+        return kind.default_space(options)
+    _existing_file("--space", space_file)
+    return kind.complete_space(space_lib.load(space_file, known=kind.parameters,
+                                              implicit=kind.implicit_parameters), options)
+
+
+def enqueued_sets(path: str | None, space: Space | None) -> tuple[dict[str, Any], ...]:
+    """--enqueue's parameter sets, each checked against the space (with none: as given)."""
+    if path is None:
+        return ()
+    from psearch.engine import space as space_lib
+
+    _existing_file("--enqueue", path)
+    return tuple(space_lib.load_sets(path, space))
+
+
+def _existing_file(flag: str, path: str | None) -> str | None:
+    """An input file's absolute path, or UsageError when it is not a readable file."""
+    if path is None:
+        return None
+    _check(os.path.isfile(path), f"{flag} {path!r}: no such file; give the path of a YAML file")
+    _check(os.access(path, os.R_OK), f"{flag} {path!r}: the file cannot be read (permissions)")
+    return str(Path(path).resolve())
+
+
+def _warm_source(source: str | None) -> str | None:
+    """--warm_start as given: a storage URL as it is, a folder made absolute."""
+    if source is None or "://" in source:
+        return source
+    _check(os.path.isdir(source), f"--warm_start {source!r} is neither a checkpoint folder nor a "
+           "storage URL (sqlite:///…, postgresql://…)")
+    return str(Path(source).resolve())
 
 
 DEFAULT_CONFIRM_SEEDS = 2
@@ -302,28 +317,21 @@ def config_to_argv(cfg: SearchConfig) -> list[str]:
     environment of `child_env`): the storage URL travels in the environment, not on the command
     line."""
     argv = ["--checkpoint_dir", cfg.checkpoint_dir, "--n_trials", str(cfg.n_trials)]
-    if cfg.data_root is not None:
-        argv += ["--data_root", cfg.data_root]
-    if cfg.use_all_writers:
-        argv.append("--use_all_writers")
-    if cfg.num_writers_subset is not None:
-        argv += ["--num_writers_subset", str(cfg.num_writers_subset)]
-    for flag in ("epochs", "patience", "batch_size", "img_height", "img_width", "seed",
-                 "num_workers", "max_val_pages_per_writer", "lines_per_writer", "study_name",
-                 "direction", "heartbeat_grace", "pruner", "gpus_per_trial", "trial_value",
-                 "confirm_top", "confirm_seeds"):
+    for flag in ("epochs", "seed", "study_name", "direction", "heartbeat_grace", "pruner",
+                 "gpus_per_trial", "confirm_top", "confirm_seeds"):
         argv += [f"--{flag}", str(getattr(cfg, flag))]
-    argv += ["--models", ",".join(cfg.models)]
-    if cfg.no_pretrained:
-        argv.append("--no_pretrained")
     if cfg.keep_last:
         argv.append("--keep_last")
     if cfg.trial_timeout is not None:
         argv += ["--trial_timeout", repr(cfg.trial_timeout)]
     argv += storage_argv(cfg)
-    for flag in ("objective", "cache_dir"):
-        if getattr(cfg, flag) is not None:
-            argv += [f"--{flag}", str(getattr(cfg, flag))]
+    for flag, value in (("objective", cfg.objective), ("space", cfg.space_file),
+                        ("enqueue", cfg.enqueue_file), ("warm_start", cfg.warm_start),
+                        ("warm_start_study", cfg.warm_start_study)):
+        if value is not None:
+            argv += [f"--{flag}", value]
+    if cfg.kind is not None:
+        argv += cfg.kind.options_argv(cfg.options)
     return argv
 
 

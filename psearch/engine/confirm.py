@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from psearch.engine.prior_trials import is_warm_start
+
 CONFIRMS = "confirms"  # user attribute: the number of the trial whose set this run repeats
 SEED = "seed"          # user attribute: the training seed of the trial
 
@@ -35,8 +37,9 @@ def never_pruned(trial):
 
 
 def search_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The search's own trials (the ones --n_trials counts)."""
-    return [t for t in trials if not is_confirmation(t)]
+    """The search's own trials (the ones --n_trials counts): not confirmation runs, nor trials
+    copied from an earlier study (--warm_start)."""
+    return [t for t in trials if not is_confirmation(t) and not is_warm_start(t)]
 
 
 def confirmation_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:

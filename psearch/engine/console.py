@@ -102,8 +102,9 @@ def banner_head(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], workers_
           if cfg.confirm_top else []),
         f"CPU threads per worker: {threads}",
         f"Checkpoint dir: {cfg.checkpoint_dir}",
-        f"Data root: {cfg.data_root or '(not used by this objective)'}",
-        f"Objective: {cfg.objective or 'built-in writer identification'} ({cfg.direction})",
+        *cfg.objective_kind.banner_lines(cfg),
+        f"Objective: {cfg.objective or cfg.objective_kind.description} ({cfg.direction})"
+        + (f", space {cfg.space_file}" if cfg.space_file else ""),
         f"Study: {cfg.study_name} in {redact_url(cfg.storage_url)}",
         f"Host: {host} (other launchers may share the study and its "
         "budget)",

@@ -19,10 +19,6 @@ from psearch.engine.errors import UsageError
 logger = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-# Memory a worker needs, roughly: one training a model on line images, or one running a custom
-# objective (Python, Optuna, SQLAlchemy). Beyond what fits, the launcher would be OOM-killed.
-WORKER_MEMORY_BUILTIN = 1 << 30
-WORKER_MEMORY_CUSTOM = 192 << 20
 # Workers per core beyond which nothing runs faster, only slower (and 8 workers always allowed).
 WORKERS_PER_CORE = 4
 MIN_WORKER_LIMIT = 8
@@ -231,13 +227,13 @@ def probe_inventory(timeout_s: float = 15.0) -> GpuInventory | None:
     return parse_nvidia_smi_list(result.stdout) if result.returncode == 0 else None
 
 
-def max_workers(n_cores: int, memory_bytes: int | None, builtin_objective: bool) -> int:
+def max_workers(n_cores: int, memory_bytes: int | None, per_worker: int) -> int:
     """How many workers this machine can sensibly run: a few per core, and what fits in memory
-    (pure)."""
+    at `per_worker` bytes each (the objective's `worker_memory`: beyond it the launcher would be
+    OOM-killed) (pure)."""
     by_cores = max(MIN_WORKER_LIMIT, WORKERS_PER_CORE * n_cores)
     if not memory_bytes:
         return by_cores
-    per_worker = WORKER_MEMORY_BUILTIN if builtin_objective else WORKER_MEMORY_CUSTOM
     return max(1, min(by_cores, memory_bytes // per_worker))
 
 

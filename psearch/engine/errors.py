@@ -6,6 +6,11 @@ class UsageError(ValueError):
     """A bad command-line value or input: the message names it and the fix."""
 
 
+class DeviceUnavailable(UsageError):
+    """This process was pinned to a GPU that CUDA cannot use: it must not train on the CPU (a
+    worker exits EXIT_NO_DEVICE; elsewhere it is the usual one-line error)."""
+
+
 # A run of trials failing on their own merits (not interrupts) means something is wrong with the
 # setup (out of memory at any size, a broken objective): the worker stops instead of burning the
 # budget (EXIT_TOO_MANY_FAILURES).

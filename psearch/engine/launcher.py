@@ -23,12 +23,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from psearch.engine import cli, cmdline, devices, forked, layout, ownership, progress
-from psearch.engine.children import (PREPARED_MARKER, SYNTHETIC_MODULE, WORKER_MODULE,
-                                     child_environ, module_argv, summary_argv, summary_hint)
-from psearch.engine.config import SearchConfig, add_search_args, config_from_args, config_to_argv
+from psearch.engine import cli, cmdline, devices, forked, layout, objectives, ownership, progress
+from psearch.engine.children import (PREPARED_MARKER, child_environ, module_argv, summary_argv,
+                                     summary_hint)
+from psearch.engine.config import (SearchConfig, add_search_args, config_from_args, config_to_argv,
+                                   space_in_force)
 from psearch.engine.console import banner_head, banner_tail, file_log, say, setup_logging
 from psearch.engine.errors import EXIT_DISK_FULL, EXIT_USAGE, UsageError
+from psearch.engine.objectives import ObjectiveKind
 from psearch.engine.supervisor import Launch, Run, final_report, supervise
 from psearch.engine.workers import Controller, Interrupts, Worker, run_child
 
@@ -39,28 +41,20 @@ if TYPE_CHECKING:  # loaded in launch(), after the launcher has limited its BLAS
 
 logger = logging.getLogger("launcher")
 
-# --demo fills these in front of the user's flags, so any flag given explicitly wins.
-DEMO_DEFAULTS = ("--data_root", "demo_data", "--checkpoint_dir", "demo_runs", "--n_trials", "6",
-                 "--models", "small", "--epochs", "8", "--img_height", "64", "--img_width", "640",
-                 "--lines_per_writer", "40", "--no_pretrained")
 DEMO_CPU_WORKERS = 2
 # The preparation's progress lines are shown once it has checked everything, or after this long.
 PREPARE_HOLD_S = 10.0
-# Writers of one shared script in fairly similar hands: hard enough that trials differ (with
-# distinct alphabets every trial reaches page top-1 = 1 and the search has nothing to show).
-DEMO_SIMILARITY = 0.75
-# 12 writers x 24 pages of 4 lines: 4 validation pages per writer, 48 retrieval queries, so that
-# the demo's figures move in steps well below the differences between its trials (with 2 pages
-# per writer, page top-1 moved in steps of 1/16 and a lucky epoch decided the search).
-DEMO_DATA = ("--writers", "12", "--pages-per-writer", "24", "--lines-per-page", "4")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The worker's search flags plus the launcher's own; every help states its default."""
-    parser = cli.Parser(short_usage="--data_root D --checkpoint_dir C --n_trials N [options]",
+def build_parser(default: ObjectiveKind | None = None) -> argparse.ArgumentParser:
+    """The worker's search flags (the default objective's among them) plus the launcher's own;
+    every help states its default."""
+    parser = cli.Parser(short_usage="--data_root D --checkpoint_dir C --n_trials N [options]"
+                        if default is not None
+                        else "--objective FILE.py:NAME --checkpoint_dir C --n_trials N [options]",
                         description="Parallel hyperparameter search: one worker per "
                                      "GPU sharing one Optuna study and one exact trial budget.")
-    add_search_args(parser)
+    add_search_args(parser, default)
     a = parser.add_argument
     a("--gpus", default=None, help="comma list of GPU ids to use, as CUDA_VISIBLE_DEVICES names "
       "them (default: CUDA_VISIBLE_DEVICES if set, else every GPU nvidia-smi finds)")
@@ -74,27 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
       "for them, and take over trials whose launcher dies)")
     a("--no_summary", action="store_true", help="skip the summary step at the end (default: run "
       "summarize.py)")
-    a("--demo", action="store_true", help="generate a small synthetic data set (if missing) and "
-      f"run a short search: {' '.join(DEMO_DEFAULTS)}, {DEMO_CPU_WORKERS} CPU workers without a "
-      "GPU; explicit flags win (default: off)")
+    a("--show_space", action="store_true", help="print the search space in force (the "
+      "objective's default, or --space FILE's) as YAML ready to copy and edit, then exit "
+      "(default: off)")
+    if default is not None and default.demo_defaults:
+        a("--demo", action="store_true", help="generate a small synthetic data set (if missing) "
+          f"and run a short search: {' '.join(default.demo_defaults)}, {DEMO_CPU_WORKERS} CPU "
+          "workers without a GPU; explicit flags win (default: off)")
     return parser
 
 
-def with_demo_defaults(argv: Sequence[str]) -> list[str]:
+def with_demo_defaults(argv: Sequence[str], default: ObjectiveKind | None) -> list[str]:
     """argv with the demo's defaults in front when --demo is given (pure)."""
+    if default is None or not default.demo_defaults:
+        return list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--demo", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    return [*DEMO_DEFAULTS, *argv] if known.demo else list(argv)
+    return [*default.demo_defaults, *argv] if known.demo else list(argv)
 
 
 # ---------------------------------------------------------------- the workers (pure)
 
 
-def worker_argv(cfg: SearchConfig, loaders: int, python: str = sys.executable) -> list[str]:
-    """A worker's command line: the same flags (same --n_trials) with its data-loader count."""
-    return [*module_argv(python, WORKER_MODULE),
-            *config_to_argv(dataclasses.replace(cfg, num_workers=loaders))]
+def worker_argv(cfg: SearchConfig, threads: int, python: str = sys.executable) -> list[str]:
+    """A worker's command line: the same flags (same --n_trials), the objective's fit to the
+    `threads` cores each worker gets (the built-in one's data loaders)."""
+    kind = cfg.objective_kind
+    return [*module_argv(python, kind.worker_module), *config_to_argv(dataclasses.replace(
+        cfg, options=kind.for_worker(cfg.options, threads)))]
 
 
 def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp: str,
@@ -102,7 +104,7 @@ def build_workers(cfg: SearchConfig, slots: Sequence[devices.WorkerSlot], stamp:
                   run: str) -> list[Worker]:
     """One Worker (argv, env, log file) per slot; no side effects."""
     threads = devices.threads_per_worker(n_cores, len(slots))
-    argv = worker_argv(cfg, devices.loader_processes(cfg.num_workers, threads))
+    argv = worker_argv(cfg, threads)
     log_dir = layout.logs_dir(cfg.checkpoint_dir)
     environ = child_environ(environ, cfg)
     return [Worker(slot=slot, argv=list(argv),
@@ -166,7 +168,7 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str],
     and the study when it was opened here). A custom objective is prepared in this process;
     the built-in one in a helper process, which loads torch to check the pretrained weights and
     builds the image cache (this process never loads torch)."""
-    if cfg.builtin_objective or forked.thread_count() != 1:
+    if cfg.objective_kind.prepare_in_helper or forked.thread_count() != 1:
         return prepare_in_helper(cfg, environ, interrupts), None
     code, study = prepare_here(cfg)
     if interrupts.count and code != EXIT_USAGE:
@@ -181,11 +183,13 @@ def prepare_here(cfg: SearchConfig) -> tuple[int, optuna.Study | None]:
     where Optuna is loaded already."""
     from psearch.engine import faults, worker
 
-    def check_objective(spec: str) -> None:
-        forked.call_in_child(worker.load_objective, spec)
+    def check_in_child(cfg: SearchConfig) -> dict:
+        forked.call_in_child(cfg.objective_kind.check, cfg)
+        return {}
 
+    check = check_in_child if cfg.objective_kind.check_in_child else None
     try:
-        return 0, worker.open_checked_study(cfg, worker.WorkerIdentity(), check_objective)
+        return 0, worker.open_checked_study(cfg, worker.WorkerIdentity(), check)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)  # a refused run writes no log
         return EXIT_USAGE, None
@@ -213,8 +217,8 @@ def prepare_in_helper(cfg: SearchConfig, environ: Mapping[str, str],
            "PARALLEL_SEARCH_MANAGED": "1", "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()),
            "PYTHONUNBUFFERED": "1"}
     output = HeldOutput()
-    code = run_child([*module_argv(sys.executable, WORKER_MODULE), *config_to_argv(cfg),
-                      "--prepare_only"],
+    code = run_child([*module_argv(sys.executable, cfg.objective_kind.worker_module),
+                      *config_to_argv(cfg), "--prepare_only"],
                      env, interrupts, echo=output)
     output.finish(code)
     if interrupts.count:
@@ -242,19 +246,6 @@ def summarize(cfg: SearchConfig, environ: Mapping[str, str], interrupts: Interru
                        summary_hint(cfg, sys.executable))
 
 
-def ensure_demo_data(ns: argparse.Namespace) -> None:
-    """Generate the demo's synthetic data set if it is missing."""
-    if ns.objective is not None or os.path.isdir(ns.data_root):
-        return
-    print(f"Generating the demo data set in {ns.data_root} ...", flush=True)
-    result = subprocess.run([*module_argv(sys.executable, SYNTHETIC_MODULE), "make-synthetic",
-                             ns.data_root, *DEMO_DATA, "--similarity", str(DEMO_SIMILARITY)],
-                            env=child_environ(os.environ), check=False)
-    if result.returncode != 0:
-        raise UsageError(f"could not generate the demo data in {ns.data_root!r} (exit code "
-                         f"{result.returncode}); see the output above")
-
-
 # ---------------------------------------------------------------- the run, start to end
 
 def limit_own_threads() -> None:
@@ -275,7 +266,6 @@ def launch(job: Launch) -> int:
     launchers may use the same study at the same time (other nodes, a requeued job, more GPUs):
     this one fails only trials that are provably dead, never a live one of theirs.
     """
-    limit_own_threads()
     # The worker's module too: workers forked from here start with everything loaded.
     from psearch.engine import storage as storage_lib, study as study_lib, worker  # noqa: F401
 
@@ -357,11 +347,11 @@ def start_workers(job: Launch, status: progress.StatusLine,
 
 
 def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
-                  environ: Mapping[str, str]) -> None:
+                  environ: Mapping[str, str], kind: ObjectiveKind) -> None:
     """Refuse more workers than the machine can run, and GPU ids the driver does not report."""
     n_cores = len(os.sched_getaffinity(0))
     memory = devices.total_memory_bytes()
-    limit = devices.max_workers(n_cores, memory, builtin_objective=ns.objective is None)
+    limit = devices.max_workers(n_cores, memory, kind.worker_memory)
     gpus = list(dict.fromkeys(g for s in slots for g in s.gpus))
     flag = (f"--cpu_workers {ns.cpu_workers}" if ns.cpu_workers is not None
             else f"{len(gpus)} GPU(s) x --workers_per_gpu {ns.workers_per_gpu}")
@@ -379,22 +369,29 @@ def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
         devices.check_gpus_exist(gpus, inventory, source)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse and validate, then launch; exit 0 only when the budget was reached."""
+def main(argv: Sequence[str] | None = None, default: ObjectiveKind | None = None) -> int:
+    """Entry point: parse and validate, then launch; exit 0 only when the budget was reached.
+    `default`: the objective without --objective (the entry point's: the built-in one)."""
     cmdline.hide_url_passwords(sys.argv[1:])  # if not done yet (a console script): `ps` shows argv
+    environ = dict(os.environ)  # what workers and helpers get: as it was, not as limited here
+    limit_own_threads()  # before the checks load optuna (the search space) and numpy
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = build_parser().parse_args(with_demo_defaults(argv))
+    ns = build_parser(default).parse_args(with_demo_defaults(argv, default))
+    demo = bool(getattr(ns, "demo", False))
     try:
+        kind = objectives.choose(ns, default)
+        if ns.show_space:
+            return show_space(ns, kind)
         if ns.stop_timeout < 0:
             raise UsageError(f"--stop_timeout must be 0 or more seconds, got {ns.stop_timeout:g}")
         slots = devices.choose_workers(ns.gpus, ns.cpu_workers, ns.workers_per_gpu, os.environ,
                                        devices.probe_gpus,
-                                       cpu_fallback=DEMO_CPU_WORKERS if ns.demo else None,
+                                       cpu_fallback=DEMO_CPU_WORKERS if demo else None,
                                        gpus_per_trial=ns.gpus_per_trial)
-        check_devices(ns, slots, os.environ)
-        if ns.demo:
-            ensure_demo_data(ns)
-        cfg = config_from_args(ns)
+        check_devices(ns, slots, os.environ, kind)
+        if demo and kind is default:
+            kind.make_demo_data(ns)
+        cfg = config_from_args(ns, kind)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -402,8 +399,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     host = ownership.Host.current()
     return launch(Launch(cfg=cfg, ns=ns, slots=tuple(slots), argv=tuple(argv),
-                         environ=dict(os.environ), stamp=time.strftime("%Y%m%d_%H%M%S"),
+                         environ=environ, stamp=time.strftime("%Y%m%d_%H%M%S"),
                          host=host, run=ownership.run_id(host)))
+
+
+def show_space(ns: argparse.Namespace, kind: ObjectiveKind) -> int:
+    """--show_space: the space in force as YAML on stdout (nothing is written)."""
+    space = space_in_force(kind, kind.space_options(ns), ns.space_file)
+    if space is None:
+        print(f"# {ns.objective}: no search space (the objective suggests its own parameters); "
+              "write one and pass it with --space FILE.yaml")
+        return 0
+    print(space.to_yaml(), end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def status_line(counts: Any, n_trials: int, elapsed_s: float, eta: float | None,
     """'7/24 finished | 4 running | 1 pruned | 0 failed | best 0.8123 (trial 5) | …' (pure);
     'running (2 GPUs per trial)' when each trial holds several devices (`per_trial`);
     'confirming 3/6' once the search is over and confirmation runs (`confirming`: runs over,
-    runs planned). `finished`: the search's finished trials (default counts.finished).
+    runs planned). `finished`: the search's finished trials (default counts.finished); '12
+    warm-start' counts the trials copied from an earlier study (--warm_start) apart.
 
     `counts` is a study.Counts (finished, running, pruned, failed, best_value, best_number).
     """
@@ -47,8 +48,10 @@ def status_line(counts: Any, n_trials: int, elapsed_s: float, eta: float | None,
     running = f"{counts.running} running" + (f" ({per_trial})" if per_trial else "")
     done = counts.finished if finished is None else min(finished, n_trials)
     confirm = f" | confirming {confirming[0]}/{confirming[1]}" if confirming else ""
+    warm = getattr(counts, "warm", 0)
     return (f"{done}/{n_trials} finished{confirm} | {running} | "
-            f"{counts.pruned} pruned | {counts.failed} failed | {best} | "
+            f"{counts.pruned} pruned | {counts.failed} failed | "
+            + (f"{warm} warm-start | " if warm else "") + f"{best} | "
             f"{format_duration(elapsed_s)} elapsed | ETA {format_duration(eta)}")
 
 

@@ -16,12 +16,12 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import confirm, faults, heartbeat, ownership, storage as storage_lib
+from psearch.engine import (confirm, faults, heartbeat, ownership, prior_trials,
+                            space as space_lib, storage as storage_lib)
 from psearch.engine.config import SearchConfig, absolute_objective, redact_url
 from psearch.engine.errors import UsageError
 from psearch.engine.resilient_trial import ResilientTrial
 from psearch.engine.stopping import StopRequested
-from psearch.writer_id.names import LEGACY_TRIAL_VALUE
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ NOT_ATTEMPTS = frozenset({INTERRUPTED, STORAGE_LOST})
 # stops being retried after this many attempts.
 MAX_ATTEMPTS = 3
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-BUILTIN_OBJECTIVE = "builtin:writer_identification"  # how stored settings name it
 
 
 class SettingsMismatch(UsageError):
@@ -106,18 +105,11 @@ def open_study(cfg: SearchConfig, worker_rank: int = 0, n_workers: int = 1,
 
 # ---------------------------------------------------------------- settings stored with the study
 
-def search_settings(cfg: SearchConfig, writers: Sequence[str] | None,
-                    data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def search_settings(cfg: SearchConfig, objective: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that change what a trial's value means; rerunning with others is refused.
-    `data`: the built-in objective's data fingerprint (per split: writers, pages, lines)."""
-    if not cfg.builtin_objective:
-        return {"objective": cfg.objective, "direction": cfg.direction}
-    return {"objective": BUILTIN_OBJECTIVE, "direction": cfg.direction,
-            "data_root": cfg.data_root, "writers": list(writers or []),
-            "img_height": cfg.img_height, "img_width": cfg.img_width, "epochs": cfg.epochs,
-            "models": list(cfg.models),
-            "max_val_pages_per_writer": cfg.max_val_pages_per_writer,
-            "trial_value": cfg.trial_value, "data": dict(data or {})}
+    `objective`: the objective kind's own (its data's fingerprint, say: ObjectiveKind.check)."""
+    return {"objective": cfg.objective_kind.stored_name(cfg), "direction": cfg.direction,
+            **objective, "space": cfg.space.to_data() if cfg.space is not None else None}
 
 
 def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any],
@@ -145,14 +137,14 @@ def _list_summary(values: list) -> str:
 
 
 def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], where: str,
-                            heartbeat_grace_s: int | None = None) -> None:
+                            heartbeat_grace_s: int | None = None,
+                            legacy: Mapping[str, Any] | None = None) -> None:
     """Refuse (changing nothing) when the stored settings, or the heartbeat grace period, differ
-    from these; then store what the study does not hold yet (a new study: all of it)."""
+    from these; then store what the study does not hold yet (a new study: all of it). `legacy`:
+    what a study made before a setting was stored measured (compared in its place)."""
     stored = study.user_attrs.get("search_settings")
     if stored is not None:
-        # A study made by an earlier version lacks settings added since (the data's
-        # fingerprint): they are compared from now on, not refused.
-        old = _comparable(stored)
+        old = _comparable({**(legacy or {}), **stored})
         diffs = settings_differences(old, {k: v for k, v in _comparable(settings).items()
                                            if k in old})
         if diffs:
@@ -170,15 +162,24 @@ def check_or_store_settings(study: optuna.Study, settings: Mapping[str, Any], wh
         check_or_store_heartbeat(study, heartbeat_grace_s)
 
 
+def legacy_settings(cfg: SearchConfig) -> dict[str, Any]:
+    """What a study made by an earlier version, which lacks settings added since, was run with:
+    the objective kind's own, and the default space (there was no other)."""
+    default = cfg.objective_kind.default_space(cfg.options)
+    return {**cfg.objective_kind.legacy_settings(cfg),
+            "space": default.to_data() if default is not None else None}
+
+
 def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as this version writes them: a custom objective's file made absolute (older
     versions stored the path as typed, so `obj.py:f` then and `/abs/obj.py:f` now are the same
-    objective); a built-in study from before --trial_value measured top1_best."""
+    objective); a search space as one line of YAML per parameter."""
     objective = settings.get("objective")
-    if objective == BUILTIN_OBJECTIVE:
-        return {"trial_value": LEGACY_TRIAL_VALUE, **settings}
+    settings = dict(settings)
+    if isinstance(settings.get("space"), Mapping):  # compared, and named, parameter by parameter
+        settings["space"] = space_lib.texts(settings["space"])
     if not isinstance(objective, str):
-        return dict(settings)
+        return settings
     return {**settings, "objective": absolute_objective(objective)}
 
 
@@ -208,6 +209,7 @@ class Counts:
     failed: int = 0
     running: int = 0
     waiting: int = 0
+    warm: int = 0  # trials copied from an earlier study (--warm_start): counted apart
     best_value: float | None = None
     best_number: int | None = None
 
@@ -217,20 +219,27 @@ class Counts:
 
 
 def count_trials(trials: Sequence[FrozenTrial], direction: str = "maximize") -> Counts:
-    """Count trials by state and find the best COMPLETE one (pure)."""
+    """Count trials by state and find the best COMPLETE one (pure); trials copied from an earlier
+    study (--warm_start) are counted apart, as `warm`."""
     by_state = {s: 0 for s in TrialState}
+    warm = 0
     for t in trials:
+        if prior_trials.is_warm_start(t):
+            warm += 1
+            continue
         by_state[t.state] += 1
     best = best_complete(trials, direction)
     return Counts(complete=by_state[TrialState.COMPLETE], pruned=by_state[TrialState.PRUNED],
                   failed=by_state[TrialState.FAIL], running=by_state[TrialState.RUNNING],
-                  waiting=by_state[TrialState.WAITING],
+                  waiting=by_state[TrialState.WAITING], warm=warm,
                   best_value=best.value if best else None, best_number=best.number if best else None)
 
 
 def best_complete(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best COMPLETE trial (lowest number on ties), or None (pure)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    """The best COMPLETE trial of this search (lowest number on ties; never one copied from an
+    earlier study, whose model was trained under other settings), or None (pure)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and not prior_trials.is_warm_start(t)]
     if not done:
         return None
     sign = -1 if direction == "maximize" else 1

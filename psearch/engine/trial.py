@@ -27,12 +27,11 @@ from optuna.trial import TrialState
 from psearch.engine import (atomic, faults, heartbeat, layout, storage as storage_lib,
                             study as study_lib)
 from psearch.engine.config import SearchConfig
+from psearch.engine.objectives import Objective, TrialFailed
 from psearch.engine.stopping import StopFlag, StopRequested
 from psearch.engine.watchdog import TrialWatchdog
-from psearch.writer_id.names import RESUME_CHECKPOINT
 
 logger = logging.getLogger("worker")
-Objective = Callable[[optuna.Trial, Path], float]
 TIMEOUT = "timeout"  # the fail reason of a trial that ran past --trial_timeout (not retried)
 # What run_one_trial returns for a trial another launcher had already ended: never recorded.
 TAKEN_OVER = "taken_over"
@@ -103,6 +102,8 @@ def describe_failure(exc: BaseException) -> str:
         return f"SystemExit({exc.code!r}) raised by the objective"
     if isinstance(exc, KeyboardInterrupt):
         return "KeyboardInterrupt raised by the objective"
+    if isinstance(exc, TrialFailed):  # the objective's own words
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -126,7 +127,7 @@ def _failure_reason(exc: BaseException, number: int, trial_dir: Path,
     reason = describe_failure(exc)
     error_log = trial_dir / "error.log"
     try:
-        atomic.write_text(error_log, traceback.format_exc())
+        atomic.write_text(error_log, getattr(exc, "error_log", None) or traceback.format_exc())
         where = f"traceback in {error_log}"
     except OSError as write_error:
         where = f"no traceback written: {write_error.strerror}"
@@ -160,19 +161,22 @@ def ends_for_good(state: TrialState, reason: str | None) -> bool:
 
 
 def drop_resume_checkpoints(study: optuna.Study, number: int, cfg: SearchConfig) -> None:
-    """Trial `number` has ended for good: remove its last.pth and those of the interrupted
-    trials it continued (none of them runs again), unless --keep_last. Keeps disk use bounded;
-    a failure here is only logged."""
-    if cfg.keep_last:
+    """Trial `number` has ended for good: remove its resume checkpoint (the objective's
+    `resume_files`, last.pth for the built-in one) and those of the interrupted trials it
+    continued (none of them runs again), unless --keep_last. Keeps disk use bounded; a failure
+    here is only logged."""
+    names = cfg.objective_kind.resume_files
+    if cfg.keep_last or not names:
         return
     try:
         trials = study.get_trials(deepcopy=False)
         while number is not None:
-            with contextlib.suppress(FileNotFoundError):
-                (layout.trial_dir(cfg.checkpoint_dir, number) / RESUME_CHECKPOINT).unlink()
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    (layout.trial_dir(cfg.checkpoint_dir, number) / name).unlink()
             number = trials[number].user_attrs.get("resumed_from")
     except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the search
-        logger.warning("Could not remove the %s of trial %d: %s", RESUME_CHECKPOINT, number,
+        logger.warning("Could not remove the %s of trial %d: %s", ", ".join(names), number,
                        faults.one_line(exc))
 
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
-import importlib.util
-import inspect
 import logging
 import os
 import socket
@@ -24,19 +21,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import (children, cli, config, faults, layout, ownership, ranks,
-                            study as study_lib, watchdog)
+from psearch.engine import (children, cli, config, faults, layout, objectives, ownership,
+                            prior_trials, ranks, space as space_lib, study as study_lib, watchdog)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.engine.console import DeferredFileHandler
 from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_STORAGE,
                                    EXIT_TOO_MANY_FAILURES, EXIT_TRIAL_TIMEOUT, EXIT_USAGE,
-                                   MAX_CONSECUTIVE_FAILURES, UsageError)
+                                   MAX_CONSECUTIVE_FAILURES, DeviceUnavailable, UsageError)
 from psearch.engine.stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
 from psearch.engine.trial import (TAKEN_OVER, TIMEOUT, Objective, drop_resume_checkpoints,
                                   record_end, run_one_trial)
@@ -80,12 +76,14 @@ class WorkerIdentity:
                    run=env.get(RUN_VAR, ""))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The worker's command line: the shared search flags plus --prepare_only, --no_summary."""
+def build_parser(default: objectives.ObjectiveKind | None = None) -> argparse.ArgumentParser:
+    """The worker's command line: the shared search flags (the default objective's among them)
+    plus --prepare_only, --no_summary."""
     parser = cli.Parser(
-        short_usage="--data_root D --checkpoint_dir C --n_trials N [options]",
-        description="Sequential hyperparameter search for writer identification on one device.")
-    add_search_args(parser)
+        short_usage="--data_root D --checkpoint_dir C --n_trials N [options]"
+        if default is not None else "--objective FILE.py:NAME --checkpoint_dir C --n_trials N",
+        description="Sequential hyperparameter search on one device.")
+    add_search_args(parser, default)
     parser.add_argument("--prepare_only", action="store_true", help="validate the arguments and the "
                         "data, create or load the study, build the image cache, check pretrained "
                         "weights, then exit (the launcher runs this once before its workers) "
@@ -96,94 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------- objectives
-
-def load_objective(spec: str) -> Objective:
-    """Import NAME from `path/to/file.py:NAME` or `package.module:NAME`, and check that it can be
-    called as NAME(trial, trial_dir)."""
-    target, name = spec.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            path = Path(target).resolve()
-            module_spec = importlib.util.spec_from_file_location(f"objective_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(target)
-    except Exception as exc:
-        raise UsageError(f"--objective {spec!r}: cannot import {target!r} "
-                         f"({type(exc).__name__}: {exc})") from exc
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise UsageError(f"--objective {spec!r}: {target!r} has no callable {name!r}")
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # no signature to read (a builtin): the first trial tells
-        return fn
-    try:
-        signature.bind(None, None)
-    except TypeError:
-        raise UsageError(f"--objective {spec!r}: {name}{signature} cannot be called as "
-                         f"{name}(trial, trial_dir); define it as def {name}(trial, trial_dir) "
-                         "-> float") from None
-    return fn
-
-
 def open_checked_study(cfg: SearchConfig, who: WorkerIdentity,
-                       check_objective: Callable[[str], object] = load_objective) -> optuna.Study:
-    """Check, then create or load the study: the data (or the objective, with
-    `check_objective`), the storage and the settings stored with an existing study are checked
-    before anything is created, so a refused run leaves no trace; a new study gets its settings."""
-    writers = data = None
-    if cfg.builtin_objective:
-        from psearch.writer_id import objective as writer_objective
-
-        writers, data = writer_objective.check_data(cfg)
-    else:
-        check_objective(cfg.objective)
+                       check: Callable[[SearchConfig], dict] | None = None) -> optuna.Study:
+    """Check, then create or load the study: the objective's data (or a custom objective itself,
+    through `check`), the storage and the settings stored with an existing study are checked
+    before anything is created, so a refused run leaves no trace; a new study gets its settings;
+    then the known sets of --enqueue and the trials of --warm_start are added once."""
+    kind = cfg.objective_kind
+    objective_settings = (check or kind.check)(cfg)
+    prior = prior_trials.read_source(cfg)  # an unreadable source refuses the run here
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
-    study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, writers, data),
-                                      config.redact_url(cfg.storage_url), cfg.heartbeat_grace)
+    study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, objective_settings),
+                                      config.redact_url(cfg.storage_url), cfg.heartbeat_grace,
+                                      study_lib.legacy_settings(cfg))
+    prior_trials.add(study, cfg, prior)
     return study
 
 
 def prepare(cfg: SearchConfig, who: WorkerIdentity,
             log_file: DeferredFileHandler | None = None) -> optuna.Study:
-    """Check everything, then write (`open_checked_study`); then the log file and the shared
-    image cache."""
+    """Check everything, then write (`open_checked_study`); then the log file and what the
+    objective prepares once (the built-in one: its shared image cache)."""
     study = open_checked_study(cfg, who)
     if log_file is not None:
         log_file.open(layout.logs_dir(cfg.checkpoint_dir) / layout.log_name(
             "single_gpu", socket.gethostname(), time.strftime("%Y%m%d_%H%M%S")))
     logger.info("%s", children.PREPARED_MARKER)
-    if cfg.builtin_objective:
-        from psearch.writer_id import objective as writer_objective
-
-        writer_objective.build_cache(cfg)
+    cfg.objective_kind.prepare(cfg)
     return study
 
 
-def make_objective(cfg: SearchConfig, stop: StopFlag, who: WorkerIdentity) -> Objective:
-    """The objective this worker runs: a custom one, or the built-in writer-identification one
-    (WorkerExit EXIT_NO_DEVICE when pinned to a GPU that CUDA cannot use)."""
+def make_objective(cfg: SearchConfig, who: WorkerIdentity, stop: StopFlag) -> Objective:
+    """The objective this worker runs (WorkerExit EXIT_NO_DEVICE when pinned to a GPU that CUDA
+    cannot use)."""
     os.environ[ranks.WORLD_SIZE_VAR] = str(cfg.gpus_per_trial)  # ranks.run_ranks' default
-    if not cfg.builtin_objective:
-        user_fn = load_objective(cfg.objective)
-
-        def objective(trial: optuna.Trial, trial_dir: Path) -> float:
-            stop.raise_now = True  # a custom objective cannot poll the flag: interrupt it
-            try:
-                return user_fn(trial, trial_dir)
-            finally:
-                stop.raise_now = False
-
-        return objective
-    from psearch.writer_id import hardware, objective as writer_objective
-
+    if cfg.space_file is not None:
+        os.environ[space_lib.SPACE_VAR] = cfg.space_file  # space.given() in a user's objective
     try:
-        return writer_objective.WriterObjective(cfg, stop, cpu_threads=who.cpu_threads)
-    except hardware.DeviceUnavailable as exc:
+        return cfg.objective_kind.make(cfg, stop, who.cpu_threads)
+    except DeviceUnavailable as exc:
         logger.error("%s", exc)
         raise WorkerExit(EXIT_NO_DEVICE) from None
 
@@ -259,11 +208,12 @@ def _time_out(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, who: 
         logger.error("Could not record the timeout of trial %d: %s", trial.number,
                      faults.one_line(exc))
     try:
-        if not who.managed:
-            watchdog.kill_processes(watchdog.trial_processes(
-                os.getpid(), watchdog.read_processes(), trial_started))
-            if not stop.requested:
-                watchdog.restart_self({RUN_VAR: who.run}, cwd)
+        # What the trial started, also in process groups of its own (a training program's):
+        # the launcher's kill of this worker's group would not reach those.
+        watchdog.kill_processes(watchdog.trial_processes(
+            os.getpid(), watchdog.read_processes(), trial_started))
+        if not who.managed and not stop.requested:
+            watchdog.restart_self({RUN_VAR: who.run}, cwd)
     except Exception as exc:  # noqa: BLE001 - then this process ends all the same
         logger.error("Could not restart this worker: %s", faults.one_line(exc))
     watchdog.exit_now(stop.exit_code if stop.requested else EXIT_TRIAL_TIMEOUT)
@@ -308,25 +258,28 @@ def _open_for_run(cfg: SearchConfig, who: WorkerIdentity,
     return study
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         default: objectives.ObjectiveKind | None = None) -> int:
     """Entry point: parse, prepare, run the search loop; the exit codes of errors.py, 1 when the
-    study stayed unreachable, 128+N after signal N."""
+    study stayed unreachable, 128+N after signal N. `default`: the objective without
+    --objective (the entry point's: the built-in one)."""
     who = WorkerIdentity.from_environ(os.environ)
     stop = StopFlag()
     install_stop_handlers(stop)
     if who.parent_pid is not None:
         die_with_parent(who.parent_pid)
-    ns = build_parser().parse_args(argv)
+    ns = build_parser(default).parse_args(argv)
     if not who.run:  # a stand-alone run is a run of its own (kept across a restart: RUN_VAR)
         who = dataclasses.replace(who, run=ownership.run_id(ownership.Host.current()))
-    code = _run(ns, who, stop)
+    code = _run(ns, default, who, stop)
     _exit_if_threads_linger(code)
     return code
 
 
-def _run(ns: argparse.Namespace, who: WorkerIdentity, stop: StopFlag) -> int:
+def _run(ns: argparse.Namespace, default: objectives.ObjectiveKind | None, who: WorkerIdentity,
+         stop: StopFlag) -> int:
     try:
-        cfg = config_from_args(ns)
+        cfg = config_from_args(ns, objectives.choose(ns, default))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -335,7 +288,7 @@ def _run(ns: argparse.Namespace, who: WorkerIdentity, stop: StopFlag) -> int:
         if ns.prepare_only:
             prepare(cfg, who, log_file)
             return EXIT_OK
-        objective = make_objective(cfg, stop, who)
+        objective = make_objective(cfg, who, stop)
         code = run_search(_open_for_run(cfg, who, log_file), cfg, objective, stop, who)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

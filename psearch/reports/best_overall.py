@@ -23,6 +23,9 @@ import statistics
 
 from psearch.engine import atomic, confirm, layout, study as study_lib
 from psearch.reports.tables import Snapshot, trial_folder, trial_metrics
+from psearch.engine.ranks import RANKS_DIR
+from psearch.writer_id import builtin
+from psearch.writer_id.names import RESUME_CHECKPOINT
 
 logger = logging.getLogger("summarize")
 
@@ -36,6 +39,11 @@ class BestOutcome:
     test_metrics: dict[str, Any] | None = None
     test_note: str | None = None
     retired: Path | None = None  # the previous best_overall/, deleted once the summary is done
+
+
+# Not copied into best_overall/: the resume checkpoint (as big as the model and its optimizer
+# state; nothing resumes from best_overall/) and the scratch folder of a trial's ranks.
+SKIPPED = frozenset({RESUME_CHECKPOINT, RANKS_DIR})
 
 
 def best_config(best: FrozenTrial, snap: Snapshot, folder: Path) -> dict[str, Any]:
@@ -59,12 +67,19 @@ def names_best(best_dir: Path, best: FrozenTrial, snap: Snapshot) -> bool:
 
 
 def stage_best(staging: Path, best: FrozenTrial, snap: Snapshot, checkpoint_dir: Path) -> bool:
-    """Fill `staging` with the best trial's files; True when it holds a model checkpoint."""
+    """Fill `staging` with the best trial's files (whatever its objective saved there, but for the
+    built-in objective's resume checkpoint and the ranks' scratch); True when it holds a model
+    checkpoint (best_model.pth)."""
     source = trial_folder(best, checkpoint_dir)
     staging.mkdir(parents=True)
+    for path in sorted(source.rglob("*")) if source.is_dir() else []:
+        relative = path.relative_to(source)
+        if not path.is_file() or path.is_symlink() or relative.parts[0] in SKIPPED \
+                or path.name in SKIPPED:
+            continue
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        atomic.copy_durably(path, staging / relative)
     model = source / "best_model.pth"
-    if model.is_file():
-        atomic.copy_durably(model, staging / "best_model.pth")
     atomic.write_json(staging / "config.json", best_config(best, snap, source))
     try:
         metrics = json.loads((source / "metrics.json").read_text())
@@ -137,7 +152,7 @@ def _test_note(has_model: bool, test_dir: Path | None, tested: dict | None) -> s
 
 def held_out_split(settings: dict[str, Any]) -> Path | None:
     """DATA_ROOT/test when the built-in objective ran and the data set has one (pure-ish)."""
-    if settings.get("objective") != study_lib.BUILTIN_OBJECTIVE or not settings.get("data_root"):
+    if settings.get("objective") != builtin.NAME or not settings.get("data_root"):
         return None
     test_dir = Path(settings["data_root"]) / "test"
     return test_dir if test_dir.is_dir() else None

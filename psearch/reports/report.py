@@ -41,7 +41,10 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
              f"goal: {snap.direction} {snap.metric}.", "", "## Trials", "",
              f"- {len(snap.trials)} trial{'' if len(snap.trials) == 1 else 's'}: "
              f"{counts.complete} complete, {counts.pruned} pruned, "
-             f"{counts.failed} failed, {counts.running} running, {counts.waiting} waiting",
+             f"{counts.failed} failed, {counts.running} running, {counts.waiting} waiting"
+             + (f"; and {counts.warm} COMPLETE trial(s) of an earlier study added by --warm_start "
+                "(the sampler learned from them; not counted, never the best)"
+                if counts.warm else ""),
              *_fail_reasons(snap.trials),
              f"- wall time {_hms(wall)} (first start to last finish); "
              f"{device_hours:.2f} device-hours ({_hms(device_hours * 3600)}) in ended trials",
@@ -57,6 +60,7 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
     lines += top_section(top, params)
     if not sets:
         lines += overlap_advice(top, snap.direction)
+    lines += space_section(snap.settings)
     lines += ["", "## Files", ""]
     lines += _figure_lines(checkpoint_dir, counts.complete)
     lines += [f"- `{checkpoint_dir / 'summary' / 'all_trials.csv'}`, `top5_trials.csv`: tables, "
@@ -64,6 +68,18 @@ def render_report(snap: Snapshot, table: pd.DataFrame, outcome: BestOutcome,
               f"- `{checkpoint_dir / 'best_overall'}`: the best completed trial's files"
               + ("" if (layout.best_dir(checkpoint_dir)).is_dir() else " (none yet)"), ""]
     return "\n".join(lines)
+
+
+def space_section(settings: dict[str, Any]) -> list[str]:
+    """The search space the study was run with, as the YAML a --space file holds."""
+    data = settings.get("space")
+    if not data:
+        return []
+    from psearch.engine import space as space_lib
+
+    text = space_lib.from_data(data, "the stored space").to_yaml()
+    return ["", "## Search space", "", "Stored with the study (a rerun with another is refused); "
+            "as a `--space` file:", "", "```yaml", *text.rstrip("\n").splitlines(), "```"]
 
 
 def _figure_lines(checkpoint_dir: Path, n_complete: int) -> list[str]:

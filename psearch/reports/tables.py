@@ -19,7 +19,10 @@ from psearch.reports import trial_plots
 from psearch.writer_id.names import TRIAL_RESULT_KEYS
 
 # User attributes that say where and how a trial ran, kept in all_trials.csv after the metrics.
-RUN_ATTRS = ("worker", "seed", "confirms", "attempt", "resumed_from", "fail_reason")
+# A trial's run: who ran it, with which seed, and where it came from (a rerun, a confirmation
+# run, a known set of --enqueue, a trial copied from an earlier study by --warm_start).
+RUN_ATTRS = ("worker", "seed", "confirms", "attempt", "resumed_from", "enqueued", "warm_start_from",
+             "fail_reason")
 # Bookkeeping that identifies a process, not a trial's result: left out of tables and metrics.
 PROCESS_ATTRS = (*ownership.OWNER_KEYS, "checkpoint_dir", "heartbeat_at", "heartbeat_n")
 TOP_K = 5
@@ -101,8 +104,10 @@ def param_column(name: str, fixed: Sequence[str]) -> str:
 
 def top_table(table: pd.DataFrame, k: int = TOP_K) -> pd.DataFrame:
     """The k best COMPLETE trials of the search (the table is already best first); confirmation
-    runs repeat them and are compared by set in the report."""
-    return table[(table["state"] == TrialState.COMPLETE.name) & table["confirms"].isna()].head(k)
+    runs repeat them and are compared by set in the report; trials copied from an earlier study
+    (--warm_start) are not this search's."""
+    return table[(table["state"] == TrialState.COMPLETE.name) & table["confirms"].isna()
+                 & table["warm_start_from"].isna()].head(k)
 
 
 def time_stats(trials: Sequence[FrozenTrial]) -> tuple[float, float]:

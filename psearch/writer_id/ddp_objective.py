@@ -24,7 +24,7 @@ import torch
 from psearch.engine import confirm, layout, ranks, study as study_lib
 from psearch.engine.resilient_trial import ResilientTrial
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
-from psearch.writer_id import distributed, model as model_lib
+from psearch.writer_id import builtin, distributed, model as model_lib
 from psearch.writer_id.objective import (fit_trial, load_index, make_bundle, model_spec, rank_title,
                                          train_config, trial_record)
 from psearch.writer_id.train import RankEnded, Trainer
@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 def load_config(argv: list[str]) -> SearchConfig:
     """The worker's settings from its flags (the storage URL comes in the environment)."""
     parser = argparse.ArgumentParser()
-    add_search_args(parser)
-    return config_from_args(parser.parse_args(argv))
+    add_search_args(parser, builtin.KIND)
+    return config_from_args(parser.parse_args(argv), builtin.KIND)
 
 
 def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,14 +7,9 @@ from typing import Mapping
 
 import torch
 
-from psearch.engine.errors import UsageError
+from psearch.engine.errors import DeviceUnavailable
 
 logger = logging.getLogger(__name__)
-
-
-class DeviceUnavailable(UsageError):
-    """This process was pinned to a GPU that CUDA cannot use: it must not train on the CPU (a
-    worker exits EXIT_NO_DEVICE; elsewhere it is the usual one-line error)."""
 
 
 def available_cores() -> int:

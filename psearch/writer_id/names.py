@@ -16,3 +16,8 @@ LEGACY_TRIAL_VALUE = "top1_best"
 # A trial folder's resume checkpoint: read by a rerun of an interrupted trial, removed by the
 # worker once the trial has ended for good (unless --keep_last).
 RESUME_CHECKPOINT = "last.pth"
+# The hyperparameters a trial of the built-in objective takes (a search space may set these only;
+# default_space.yaml searches them all, search_space.DEFAULTS holds a value for each).
+PARAMETERS = ("model_type", "lr", "weight_decay", "dropout", "drop_path", "embedding_dim",
+              "freeze", "loss", "label_smoothing", "mixup_alpha", "focal_gamma", "use_triplet",
+              "triplet_weight", "triplet_margin", "warmup_epochs", "grad_clip")

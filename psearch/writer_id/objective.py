@@ -1,6 +1,7 @@
 """The built-in objective: one Optuna trial trains one writer-identification model.
 
-The trial suggests hyperparameters (search_space.py), builds the model (model.py), trains it
+The trial suggests hyperparameters (the space in force: default_space.yaml or --space;
+search_space.py fills in the defaults), builds the model (model.py), trains it
 (train.py) on the shared, preprocessed data (dataset.py), reports its score each epoch for pruning,
 and returns the trial value (trial_value.py: by default the best mean validation page mAP over 3
 consecutive epochs). Everything the trial makes goes to its folder. The training seed is the
@@ -30,10 +31,10 @@ from psearch.engine.config import SearchConfig, config_to_argv
 from psearch.engine.devices import loader_processes
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopFlag, StopRequested
-from psearch.writer_id import data_index, dataset, model as model_lib
+from psearch.writer_id import builtin, data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
 from psearch.writer_id.names import RESUME_CHECKPOINT, TRIAL_RESULT_KEYS
-from psearch.writer_id.search_space import suggest_hparams
+from psearch.writer_id.search_space import hparams
 from psearch.writer_id.train import TrainConfig, Trainer, plot_history, read_last
 
 RANK_MODULE = "psearch.writer_id.ddp_objective"
@@ -44,12 +45,12 @@ logger = logging.getLogger(__name__)
 def load_index(cfg: SearchConfig) -> tuple[data_index.DataIndex, tuple[str, ...]]:
     """Index the data and keep the selected writers (a large data set takes a while: say so)."""
     started = time.monotonic()
-    logger.info("Indexing %s ...", cfg.data_root)
-    index = data_index.index_dataset(cfg.data_root)
+    logger.info("Indexing %s ...", cfg.options.data_root)
+    index = data_index.index_dataset(cfg.options.data_root)
     logger.info("Indexed %d lines of %d writers in %.1f s",
                 sum(len(r) for r in index.splits.values()), len(index.writers),
                 time.monotonic() - started)
-    writers = data_index.select_writers(index.writers, cfg.num_writers_subset)
+    writers = data_index.select_writers(index.writers, cfg.options.num_writers_subset)
     return data_index.restrict_to_writers(index, writers), writers
 
 
@@ -61,20 +62,21 @@ def check_data(cfg: SearchConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
     changed setting stop the run before anything (the image cache included) is made.
     """
     index, writers = load_index(cfg)
-    used = data_index.search_subset(index, writers, cfg.max_val_pages_per_writer)
+    used = data_index.search_subset(index, writers, cfg.options.max_val_pages_per_writer)
     for note in used.notes:
         logger.warning("%s", note)
     few = data_index.writers_with_few_pages(used.splits["val"], 2, writers=writers)
     if len(few) == len(writers):
-        raise UsageError(f"no writer in {cfg.data_root} has 2 validation pages: page retrieval "
-                         "cannot be measured; add validation pages (val/<writer>/<page>/)")
+        raise UsageError(f"no writer in {cfg.options.data_root} has 2 validation pages: page "
+                         "retrieval cannot be measured; add validation pages "
+                         "(val/<writer>/<page>/)")
     if few:
         logger.warning("%d writer(s) have fewer than 2 validation pages, so their pages cannot be "
                        "retrieval queries (they stay as distractors): %s", len(few),
                        ", ".join(few[:10]) + (" …" if len(few) > 10 else ""))
-    for model_type in cfg.models:
-        model_lib.check_input_size(model_type, cfg.img_height, cfg.img_width)
-        if not cfg.no_pretrained and model_type != "small":
+    for model_type in builtin.space_models(cfg.space, cfg.options):
+        model_lib.check_input_size(model_type, cfg.options.img_height, cfg.options.img_width)
+        if not cfg.options.no_pretrained and model_type != "small":
             model_lib.ensure_pretrained_available(model_type)
     logger.info("Data: %d writers, %s", len(writers),
                 ", ".join(f"{len(r)} {s} lines" for s, r in used.splits.items()))
@@ -90,8 +92,9 @@ def build_cache(cfg: SearchConfig) -> None:
 def make_bundle(cfg: SearchConfig, index: data_index.DataIndex,
                 writers: tuple[str, ...]) -> dataset.DataBundle:
     """Datasets over the shared cache (built here if it does not exist yet)."""
-    return dataset.make_datasets(index, writers, cfg.img_height, cfg.img_width,
-                                 cfg.image_cache_dir, cfg.max_val_pages_per_writer, cfg.seed,
+    o = cfg.options
+    return dataset.make_datasets(index, writers, o.img_height, o.img_width,
+                                 builtin.image_cache_dir(cfg), o.max_val_pages_per_writer, cfg.seed,
                                  processes=available_cores())
 
 
@@ -99,7 +102,8 @@ def model_spec(hp: dict[str, Any], num_classes: int, cfg: SearchConfig) -> model
     """The model a trial's hyperparameters describe."""
     return model_lib.ModelSpec(
         model_type=hp["model_type"], num_classes=num_classes, embedding_dim=hp["embedding_dim"],
-        img_height=cfg.img_height, img_width=cfg.img_width, pretrained=not cfg.no_pretrained,
+        img_height=cfg.options.img_height, img_width=cfg.options.img_width,
+        pretrained=not cfg.options.no_pretrained,
         dropout=hp["dropout"], drop_path=hp["drop_path"], freeze=hp["freeze"])
 
 
@@ -107,12 +111,14 @@ def train_config(hp: dict[str, Any], cfg: SearchConfig, num_workers: int,
                  seed: int) -> TrainConfig:
     """Training knobs from a trial's hyperparameters, its seed and the run's fixed settings."""
     return TrainConfig(
-        epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=hp["lr"],
+        epochs=cfg.epochs, patience=cfg.options.patience, batch_size=cfg.options.batch_size,
+        lr=hp["lr"],
         weight_decay=hp["weight_decay"], loss=hp["loss"], label_smoothing=hp["label_smoothing"],
         focal_gamma=hp["focal_gamma"], mixup_alpha=hp["mixup_alpha"],
         triplet_weight=hp["triplet_weight"], triplet_margin=hp["triplet_margin"],
         warmup_epochs=hp["warmup_epochs"], grad_clip=hp["grad_clip"], num_workers=num_workers,
-        seed=seed, lines_per_writer=cfg.lines_per_writer, trial_value=cfg.trial_value)
+        seed=seed, lines_per_writer=cfg.options.lines_per_writer,
+        trial_value=cfg.options.trial_value)
 
 
 def fit_trial(trial: optuna.Trial, trainer: Trainer, trial_dir: Path,
@@ -189,7 +195,8 @@ def trial_record(trial_number: int, hp: dict[str, Any], cfg: SearchConfig,
                  seed: int) -> dict[str, Any]:
     """What config.json and the checkpoints share (evaluate.py reads "settings")."""
     return {"trial_number": trial_number, "hyperparameters": hp, "settings": cfg.to_dict(),
-            "seed": seed, "world_size": cfg.gpus_per_trial}
+            "seed": seed, "world_size": cfg.gpus_per_trial,
+            "space": cfg.space.to_data() if cfg.space is not None else None}
 
 
 class WriterObjective:
@@ -205,8 +212,8 @@ class WriterObjective:
         self.device = pick_device()
         # The launcher already fit --num_workers to this worker's share of cores (and then sets
         # cpu_threads): use it as given. A stand-alone worker applies the same rule to its cores.
-        self.num_workers = (cfg.num_workers if cpu_threads
-                            else loader_processes(cfg.num_workers, available_cores()))
+        self.num_workers = (cfg.options.num_workers if cpu_threads
+                            else loader_processes(cfg.options.num_workers, available_cores()))
         self._data: dataset.DataBundle | None = None
         self._writers: tuple[str, ...] | None = None
 
@@ -229,8 +236,7 @@ class WriterObjective:
     def __call__(self, trial: optuna.Trial, trial_dir: Path) -> float:
         cfg = self.cfg
         data = self.data if self.world_size == 1 else None
-        hp = suggest_hparams(trial, cfg.models, pretrained=not cfg.no_pretrained,
-                             epochs=cfg.epochs)
+        hp = hparams(cfg.space.suggest(trial), cfg.epochs)
         resumed_from = trial.user_attrs.get("resumed_from")
         seed = trial_seed(trial, cfg)
         record = trial_record(trial.number, hp, cfg, seed)
@@ -257,7 +263,7 @@ class WriterObjective:
         spec = {"argv": config_to_argv(self.cfg), "trial_id": trial._trial_id,
                 "trial_number": trial.number, "hyperparameters": hp, "seed": seed,
                 "resume_from": str(resume_path) if resume_path else None, "threads": threads,
-                "num_workers": loader_processes(self.cfg.num_workers, threads)}
+                "num_workers": loader_processes(self.cfg.options.num_workers, threads)}
         spec_path = trial_dir / ranks.RANKS_DIR / "spec.json"
         atomic.write_json(spec_path, spec)
         try:

@@ -1,47 +1,35 @@
-"""The hyperparameters a trial suggests: the users' search space, conditional on the model so
-that parameters that don't apply to a model are never suggested for it."""
+"""A trial's hyperparameters from what its search space suggested: every parameter the training
+needs, the objective's default for each one the space did not suggest (its conditions did not
+hold, or the space leaves it out). The space itself is `default_space.yaml` or the user's
+`--space` file (engine/space.py suggests it); this module imports neither optuna nor torch."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping
 
-import optuna
+from psearch.writer_id.names import PARAMETERS
 
-# Learning-rate ranges per model: a compact CNN from scratch wants far larger steps than a
-# pretrained backbone being fine-tuned.
-LR_RANGE = {"small": (3e-4, 3e-3), "convnext": (2e-5, 5e-4), "vit": (1e-5, 3e-4)}
-# The most stages / encoder blocks a trial may freeze: a choice of the search, within what the
-# model allows (model.FREEZABLE_UNITS, checked by tests/test_model.py; not imported, so that
-# this module loads without torch).
-MAX_SUGGESTED_FREEZE = {"convnext": 2, "vit": 6}
+# What a parameter that is not suggested trains with: the choice that leaves its mechanism off
+# (no dropout, no smoothing, no triplet loss), or a middle value for those always needed.
+DEFAULTS: dict[str, Any] = {
+    "lr": 3e-4, "weight_decay": 1e-4, "dropout": 0.0, "drop_path": 0.0, "embedding_dim": 256,
+    "freeze": 0, "loss": "ce", "label_smoothing": 0.0, "mixup_alpha": 0.0, "focal_gamma": 0.0,
+    "use_triplet": False, "triplet_weight": 0.0, "triplet_margin": 0.0, "warmup_epochs": 0,
+    "grad_clip": 1.0}
+assert set(DEFAULTS) | {"model_type"} == set(PARAMETERS)
 
 
-def suggest_hparams(trial: optuna.Trial, models: Sequence[str], pretrained: bool,
-                    epochs: int) -> dict[str, Any]:
-    """Suggest one trial's hyperparameters; returns all of them, defaults for those not used."""
-    model_type = trial.suggest_categorical("model_type", list(models))
-    hp: dict[str, Any] = {"model_type": model_type}
-    hp["lr"] = trial.suggest_float("lr", *LR_RANGE[model_type], log=True)
-    hp["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True)
-    hp["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
-    hp["drop_path"] = (trial.suggest_float("drop_path", 0.0, 0.3)
-                       if model_type in ("convnext", "vit") else 0.0)
-    hp["embedding_dim"] = trial.suggest_categorical("embedding_dim", [128, 256, 512])
-    hp["freeze"] = (trial.suggest_int("freeze", 0, MAX_SUGGESTED_FREEZE[model_type])
-                    if pretrained and model_type in MAX_SUGGESTED_FREEZE else 0)
-    hp["loss"] = trial.suggest_categorical("loss", ["ce", "focal"])
-    if hp["loss"] == "ce":
-        hp["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)
-        hp["mixup_alpha"] = trial.suggest_float("mixup_alpha", 0.0, 0.4)
-        hp["focal_gamma"] = 0.0
-    else:
-        hp["focal_gamma"] = trial.suggest_float("focal_gamma", 1.0, 3.0)
-        hp["label_smoothing"] = hp["mixup_alpha"] = 0.0
-    hp["use_triplet"] = trial.suggest_categorical("use_triplet", [False, True])
-    if hp["use_triplet"]:
-        hp["triplet_weight"] = trial.suggest_float("triplet_weight", 0.1, 1.0)
-        hp["triplet_margin"] = trial.suggest_float("triplet_margin", 0.1, 0.5)
-    else:
+def hparams(suggested: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+    """Every hyperparameter a trial trains with (pure): the suggested values over the defaults;
+    the triplet terms off unless use_triplet, focal_gamma 0 with cross-entropy and smoothing
+    and mixup 0 with the focal loss, warmup at most a
+    quarter of the epochs (at least 1 when asked for) so that a short run still trains at its
+    learning rate."""
+    hp = {**DEFAULTS, **suggested}
+    if not hp["use_triplet"]:
         hp["triplet_weight"] = hp["triplet_margin"] = 0.0
-    hp["warmup_epochs"] = trial.suggest_int("warmup_epochs", 0, max(1, min(5, epochs // 4)))
-    hp["grad_clip"] = trial.suggest_float("grad_clip", 0.5, 5.0, log=True)
+    if hp["loss"] == "ce":
+        hp["focal_gamma"] = 0.0
+    else:  # the focal loss takes neither smoothed labels nor mixed-up pairs (losses.py)
+        hp["label_smoothing"] = hp["mixup_alpha"] = 0.0
+    hp["warmup_epochs"] = min(int(hp["warmup_epochs"]), max(1, epochs // 4))
     return hp
