@@ -95,8 +95,8 @@ BAD = [
                        "{type: categorical, choices: [0.1, 0.2]}"),
     ("lr:\n", "lr: has no value"),
     ("lr: 2024-01-01", "lr: datetime.date(2024, 1, 1) is not a number"),
-    ("my-lr: 1", "parameter name 'my-lr' is not an identifier"),
-    ("3: 1", "parameter name 3 is not an identifier"),
+    ("my-lr: 1", "parameter name 'my-lr' is not a name"),
+    ("3: 1", "parameter name 3 is not a name"),
     ("lr: [{type: float, low: 0.1, high: 1}, {type: float, low: 0.2, high: 1}]",
      "lr entry 2: is never used, since entry 1 has no `when`"),
     ("m: vit\nlr: [{type: float, low: 0.1, high: 1, when: {m: vit}}, {type: categorical, "
@@ -368,3 +368,13 @@ def test_load_sets_refuses_a_bad_file_naming_the_set(tmp_path, example, text, pr
     with pytest.raises(UsageError) as caught:
         space.load_sets(write(tmp_path, text, "sets.yaml"), example)
     assert problem in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_dotted_names_are_parameters_for_a_hydra_apps_nested_settings():
+    parsed = space.parse({"optimizer.lr": {"type": "float", "low": 0.001, "high": 0.1},
+                   "model.depth": {"type": "int", "low": 1, "high": 4,
+                                   "when": {"optimizer.lr": 0.05}}}, "s.yaml")
+    assert parsed.names == ("optimizer.lr", "model.depth")
+    for bad in ("optimizer..lr", ".lr", "lr.", "1lr", "lr-rate"):
+        with pytest.raises(UsageError, match="is not a name"):
+            space.parse({bad: 1}, "s.yaml")

@@ -13,8 +13,9 @@ a stop or a time-out, process group and all.
   reported at its `epoch` (or `step`; else its count); every line goes to the trial's
   `metrics.jsonl`; the trial's value is the LAST value of the metric the program printed (print
   your own best or smoothed figure last if that is what should count).
-- The program runs in the trial's folder's process group of its own, dies with its worker, and its
-  stdout and stderr go to `trial_NNN/output.log`. A non-zero exit fails the trial with its last
+- The program runs in the folder the search was started from (relative paths in the command
+  work), in a process group of its own, dies with its worker; its stdout and stderr go to
+  `trial_NNN/output.log`. A non-zero exit fails the trial with its last
   stderr line (the last 50 lines in `error.log`); so does exit 0 without the metric, or a metric
   that is not a number.
 """
@@ -263,9 +264,11 @@ class Running:
     def _start(self, argv: Sequence[str], env: Mapping[str, str], log: Path, main: bool) -> None:
         out = open(log, "a", buffering=1, errors="replace")  # noqa: SIM115 - closed in end()
         self._logs.append(out)
+        # In the folder the search was started from, as the command was typed there (relative
+        # paths in it work); the trial's folder is in PSEARCH_TRIAL_DIR.
         proc = subprocess.Popen([sys.executable, "-c", _SHIM, str(os.getpid()), *argv],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=dict(env), cwd=log.parent,
+                                stderr=subprocess.PIPE, env=dict(env),
                                 start_new_session=True, text=True, errors="replace", bufsize=1)
         self.procs.append(proc)
         lock = threading.Lock()

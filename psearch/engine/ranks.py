@@ -9,7 +9,7 @@ to fail ends the others and the trial, with its reason; a stop request ends them
 hands its result back as JSON (`write_result`). A rank that raises writes one line for the
 trial's fail reason (`rank_main` does both).
 
-The pattern for a custom objective (see the README, "One trial on several GPUs"):
+The pattern for a custom objective (docs/CLUSTERS.md, "One trial on several GPUs"):
 
     def objective(trial, trial_dir):
         lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)

@@ -38,6 +38,8 @@ SPACE_VAR = "PSEARCH_SPACE"  # a worker's --space file, for a user's objective (
 _RANGE_KEYS = {"type", "low", "high", "log", "step", "when"}
 _KEYS = {"float": _RANGE_KEYS, "int": _RANGE_KEYS, "categorical": {"type", "choices", "when"}}
 _FIXED_KEYS = {"value", "when"}
+# Parameter names: identifiers, dotted for a Hydra app's nested settings (optimizer.lr).
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # PyYAML reads YAML 1.1, where a float needs a dot: `1e-4` loads as the string '1e-4'.
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -367,9 +369,9 @@ def from_data(data: Mapping[str, Any], source: str) -> Space:
 
 
 def _check_name(source: str, name: Any, known: Collection[str] | None) -> None:
-    if not isinstance(name, str) or not name.isidentifier():
-        raise UsageError(f"{source}: parameter name {name!r} is not an identifier; use letters, "
-                         "digits and _ like learning_rate")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError(f"{source}: parameter name {name!r} is not a name; use letters, "
+                         "digits, _ and dots like learning_rate or optimizer.lr")
     if known is not None and name not in known:
         raise UsageError(f"{source}: unknown parameter {name!r}; the objective accepts "
                          f"{', '.join(sorted(known))}")

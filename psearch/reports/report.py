@@ -204,8 +204,10 @@ def _best_section(snap: Snapshot, outcome: BestOutcome, checkpoint_dir: Path) ->
     lines += [f"- `{name}`: {value!r}" for name, value in best.params.items()]
     lines += ["", outcome.message]
     if not outcome.has_model:
-        lines.append("best_overall/ has no best_model.pth: the objective wrote none for this "
-                     "trial (config.json and metrics.json are there).")
+        held = sorted(p.name for p in layout.best_dir(checkpoint_dir).glob("*"))
+        lines.append("best_overall/ holds the trial's own files (" + (", ".join(
+            f"`{n}`" for n in held[:8]) + (" …" if len(held) > 8 else "") if held else "none")
+            + "); none is named best_model.pth, the built-in objective's model.")
     if outcome.test_metrics:
         lines.append(_test_line(outcome.test_metrics,
                                 layout.best_dir(checkpoint_dir) / "test_metrics.json"))

@@ -1,4 +1,4 @@
-"""A custom objective that trains each trial as K ranks, the pattern the README documents: the
+"""A custom objective that trains each trial as K ranks, the pattern docs/CLUSTERS.md documents: the
 objective suggests, `ranks.run_ranks` runs `ddp_rank.py` once per device, rank 0's value returns.
 DDP_FAIL_TRIAL=N makes rank 1 of trial N fail (as if it ran out of memory)."""
 import sys

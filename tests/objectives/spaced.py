@@ -1,4 +1,4 @@
-"""A custom objective that takes its parameters from the --space file, as the README shows:
+"""A custom objective that takes its parameters from the --space file, as docs/SEARCH.md shows:
 `space.given().suggest(trial)`. It writes what it got to `params.json` and a `best_model.pth`
 stand-in, sleeps SLEEPY_SECONDS (default 0.1) and returns `x` plus a tenth of `width` (when the
 space has them), so that a test can tell good sets from bad ones."""
