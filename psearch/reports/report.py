@@ -207,7 +207,7 @@ def _best_section(snap: Snapshot, outcome: BestOutcome, checkpoint_dir: Path) ->
         held = sorted(p.name for p in layout.best_dir(checkpoint_dir).glob("*"))
         lines.append("best_overall/ holds the trial's own files (" + (", ".join(
             f"`{n}`" for n in held[:8]) + (" …" if len(held) > 8 else "") if held else "none")
-            + "); none is named best_model.pth, the built-in objective's model.")
+            + "): no best_model.pth (the built-in objective's model file) among them.")
     if outcome.test_metrics:
         lines.append(_test_line(outcome.test_metrics,
                                 layout.best_dir(checkpoint_dir) / "test_metrics.json"))
