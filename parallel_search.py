@@ -11,9 +11,9 @@ objective as its default (psearch/writer_id/builtin.py; installed: `parallel-sea
 import sys
 
 if __name__ == "__main__":  # first of all: a password typed in --storage leaves `ps` at once
-    from psearch.engine import cmdline
+    from psearch.engine import urls
 
-    cmdline.hide_url_passwords(sys.argv[1:])
+    urls.hide_url_passwords(sys.argv[1:])
 
 from psearch.writer_id.builtin import launcher_main as main  # noqa: E402
 

@@ -7,9 +7,9 @@ Safe while the search runs. The code is psearch/reports/ (installed: `summarize-
 import sys
 
 if __name__ == "__main__":  # first of all: a password typed in --storage leaves `ps` at once
-    from psearch.engine import cmdline
+    from psearch.engine import urls
 
-    cmdline.hide_url_passwords(sys.argv[1:])
+    urls.hide_url_passwords(sys.argv[1:])
 
 from psearch.reports.summary import main  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from psearch.engine import atomic, study as study_lib
+from psearch.engine import atomic
 from psearch.reports import best_overall
 from psearch.writer_id import builtin
 

@@ -3,8 +3,8 @@ import argparse
 import pytest
 
 from psearch.engine.config import (SearchConfig, add_search_args, child_env, config_from_args,
-                                   config_to_argv, redact_url, resolve_storage, url_secrets,
-                                   without_password)
+                                   config_to_argv)
+from psearch.engine.urls import redact_url, resolve_storage, url_secrets, without_password
 from psearch.engine.errors import UsageError
 from psearch.writer_id.builtin import KIND
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from psearch.engine import console, devices, progress, ranks
+from psearch.engine import console, devices, ranks
 from psearch.engine.config import SearchConfig
 from psearch.engine.errors import UsageError
 from psearch.engine.stopping import StopRequested
@@ -76,7 +76,7 @@ def test_banner_and_status_line_say_how_many_devices_a_trial_holds():
     assert devices.per_trial_words(cpu_slots, 2) == "2 processes per trial"
     assert devices.per_trial_words(gpu_slots, 1) == ""
     counts = Counts(complete=1, running=2, best_value=0.5, best_number=0)
-    line = progress.status_line(counts, 8, 60.0, None, "2 GPUs per trial")
+    line = console.status_line(counts, 8, 60.0, None, "2 GPUs per trial")
     assert line.startswith("1/8 finished | 2 running (2 GPUs per trial) | 0 pruned")
     cfg = SearchConfig(checkpoint_dir="c", n_trials=8, gpus_per_trial=2, objective="x.py:f")
     banner = console.banner_head(cfg, gpu_slots, 1, counts, 4, "node1")

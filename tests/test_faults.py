@@ -16,7 +16,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from psearch.engine import faults, ownership, storage as storage_lib, study as study_lib, watchdog
+from psearch.engine import (faults, ownership, storage as storage_lib, study as study_lib, urls,
+                            watchers)
 from psearch.engine.config import SearchConfig
 from psearch.engine.errors import EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_TOO_MANY_FAILURES, EXIT_USAGE
 from psearch.engine.stopping import StopFlag, StopRequested
@@ -157,12 +158,12 @@ class _held_budget_lock:
 
     def __enter__(self):
         if self.kind == "journal":
-            path = storage_lib.journal_path(self.storage)
+            path = urls.journal_path(self.storage)
             os.symlink(path + ".budget", path + ".budget.lock")
             return
         import sqlalchemy
 
-        self.engine = sqlalchemy.create_engine(storage_lib.driver_url(self.storage))
+        self.engine = sqlalchemy.create_engine(urls.driver_url(self.storage))
         self.conn = self.engine.connect()
         take = ("SELECT pg_advisory_lock(:key)" if self.kind == "postgresql"
                 else "SELECT GET_LOCK(CONCAT('parallel_search_', :key), 0)")
@@ -170,7 +171,7 @@ class _held_budget_lock:
 
     def __exit__(self, *exc):
         if self.kind == "journal":
-            os.unlink(storage_lib.journal_path(self.storage) + ".budget.lock")
+            os.unlink(urls.journal_path(self.storage) + ".budget.lock")
             return
         self.conn.close()  # the server lets go of a closed session's locks
         self.engine.dispose()
@@ -270,9 +271,9 @@ def test_the_processes_a_trial_left_are_its_descendants_and_its_group_since_it_b
              104: (1, 100, 5),      # `| tee`, started with the worker
              105: (1, 105, 80),     # someone else's
              106: (100, 106, 90)}   # a child in a session of its own
-    assert watchdog.trial_processes(100, table, trial_started=40) == [101, 102, 103, 106]
+    assert watchers.trial_processes(100, table, trial_started=40) == [101, 102, 103, 106]
     not_leader = {**table, 100: (1, 99, 10)}
-    assert watchdog.trial_processes(100, not_leader, trial_started=40) == [101, 102, 106]
+    assert watchers.trial_processes(100, not_leader, trial_started=40) == [101, 102, 106]
 
 
 # ---------------------------------------------------------------- a full disk

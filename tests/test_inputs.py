@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from psearch.engine import devices, layout, paths
+from psearch.engine import devices, layout
 from psearch.engine.cli import short_error
 from psearch.engine.errors import UsageError
 from psearch.writer_id.synthetic import make_synthetic
@@ -228,7 +228,7 @@ def test_workers_number_gpus_as_nvidia_smi_does_unless_the_user_chose():
 
 
 def test_paths_in_the_study_url_are_quoted_and_read_back_as_written(tmp_path):
-    from psearch.engine.storage import sqlite_path
+    from psearch.engine.urls import sqlite_path
 
     for name in ("a?b", "x%41", "h#1", "plain dir"):
         url = layout.default_storage_url(tmp_path / name)
@@ -236,20 +236,20 @@ def test_paths_in_the_study_url_are_quoted_and_read_back_as_written(tmp_path):
 
 
 def test_output_dir_and_study_file_checks(tmp_path):
-    assert paths.check_output_dir("--checkpoint_dir", str(tmp_path / "new" / "deeper")) == \
+    assert layout.check_output_dir("--checkpoint_dir", str(tmp_path / "new" / "deeper")) == \
         tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()
     (tmp_path / "f").write_text("x")
     for value in ("", "f", "f/g"):
         with pytest.raises(UsageError):
-            paths.check_output_dir("--checkpoint_dir", str(tmp_path / value) if value else value)
+            layout.check_output_dir("--checkpoint_dir", str(tmp_path / value) if value else value)
     empty = tmp_path / "empty.db"
     empty.write_bytes(b"")
-    paths.check_sqlite_file(empty)  # SQLite makes an empty file a database
-    paths.check_sqlite_file(tmp_path / "missing.db")
+    layout.check_sqlite_file(empty)  # SQLite makes an empty file a database
+    layout.check_sqlite_file(tmp_path / "missing.db")
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"PK\x03\x04 a zip file")
     with pytest.raises(UsageError, match="not a SQLite database"):
-        paths.check_sqlite_file(bad)
+        layout.check_sqlite_file(bad)
     with pytest.raises(UsageError, match="not a regular file"):
-        paths.check_sqlite_file(tmp_path)
+        layout.check_sqlite_file(tmp_path)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from psearch.engine import console, devices, launcher as ps, ownership, progress, supervisor as sup
+from psearch.engine import console, devices, launcher as ps, ownership, supervisor as sup
 from psearch.engine.config import SearchConfig, child_env, config_from_args
 from psearch.engine.study import Counts
-from psearch.engine.workers import Controller, Worker, backoff_s
+from psearch.engine.controller import Controller, Worker, backoff_s
 from psearch.writer_id.builtin import KIND, WriterOptions
 
 from launcher_runs import ROOT, SLEEPY, _descendants_by_env, by_state, envs, max_overlap, trials
@@ -111,25 +111,25 @@ def test_build_workers_pins_each_worker_to_the_parents_id(tmp_path):
 def test_status_line_and_eta():
     counts = Counts(complete=6, pruned=1, failed=2, running=4, best_value=0.81234,
                     best_number=5)
-    line = progress.status_line(counts, 24, 754, progress.eta_s(7, 0, 24, 754))
+    line = console.status_line(counts, 24, 754, console.eta_s(7, 0, 24, 754))
     assert line == ("7/24 finished | 4 running | 1 pruned | 2 failed | best 0.8123 (trial 5) | "
                     "12:34 elapsed | ETA 30:31")
-    assert progress.eta_s(3, 3, 24, 100) is None  # nothing finished in this run yet
-    assert progress.eta_s(24, 3, 24, 100) == 0.0
-    assert progress.format_duration(3 * 3600 + 62) == "3:01:02"
-    assert "best --" in progress.status_line(Counts(), 5, 0, None)
+    assert console.eta_s(3, 3, 24, 100) is None  # nothing finished in this run yet
+    assert console.eta_s(24, 3, 24, 100) == 0.0
+    assert console.format_duration(3 * 3600 + 62) == "3:01:02"
+    assert "best --" in console.status_line(Counts(), 5, 0, None)
 
 
 def test_status_line_redraws_on_a_terminal_and_logs_calmly():
     out, logged, now = io.StringIO(), [], [0.0]
-    status = progress.StatusLine(out, tty=True, log=logged.append, log_every_s=30,
+    status = console.StatusLine(out, tty=True, log=logged.append, log_every_s=30,
                                  clock=lambda: now[0])
     for t in (0, 1, 2, 31):
         now[0] = t
         status.update(f"line {t}")
     assert logged == ["line 0", "line 31"]
-    assert out.getvalue().count(progress.CLEAR_LINE) == 4 and out.getvalue().endswith("line 31")
-    quiet = progress.StatusLine(io.StringIO(), tty=False, log=logged.append)
+    assert out.getvalue().count(console.CLEAR_LINE) == 4 and out.getvalue().endswith("line 31")
+    quiet = console.StatusLine(io.StringIO(), tty=False, log=logged.append)
     quiet.update("x")
     assert quiet.stream.getvalue() == ""
 
@@ -173,8 +173,8 @@ def test_bad_arguments_exit_2_naming_the_value_before_anything_starts(
 
 def test_the_launcher_never_imports_torch():
     code = ("import sys, parallel_search\n"
-            "from psearch.engine import (launcher as ps, console, devices, progress, study,\n"
-            "                            supervisor as sup, workers)\n"
+            "from psearch.engine import (launcher as ps, console, devices, study,\n"
+            "                            supervisor as sup, controller)\n"
             "from psearch.writer_id.builtin import KIND\n"
             "ns = ps.build_parser(KIND).parse_args(ps.with_demo_defaults(['--demo'], KIND))\n"
             "KIND.default_space(KIND.space_options(ns))\n"
@@ -369,3 +369,12 @@ def test_a_repeated_sigterm_stops_gracefully_and_a_second_ctrl_c_kills(tmp_path,
     assert run.wait(60) == 130, run.output()
     assert "Second interrupt: killing all workers now" in run.output()
     assert not list((tmp_path / "int").glob("trial_*/saved.txt"))
+
+
+def test_the_launcher_loads_no_optuna_before_it_limits_its_threads():
+    """Importing the launcher's entry point must not start BLAS threads (numpy, via optuna): a
+    launcher with a second thread cannot fork its workers."""
+    code = ("import sys, parallel_search\n"
+            "loaded = sorted(m for m in ('optuna', 'numpy') if m in sys.modules)\n"
+            "assert loaded == [], loaded\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -3,7 +3,6 @@ and for a custom one, --show_space, bad space and enqueue files refused before a
 a changed space refused on rerun, known sets first (--enqueue, once per study), and warm starts
 from an earlier study (--warm_start, once, apart from this search's trials)."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from optuna.trial import TrialState
 
-from psearch.engine import storage as storage_lib
+from psearch.engine import storage as storage_lib, urls
 
 from launcher_runs import by_state, trials
 
@@ -112,7 +112,7 @@ def test_a_search_with_a_password_shows_it_nowhere(tmp_path, runs, password_db, 
     assert leaking == []
     study = optuna.load_study(study_name="writer_id_search",
                               storage=storage_lib.make_storage(with_password))
-    ts = trials(storage=storage_lib.driver_url(with_password))
+    ts = trials(storage=urls.driver_url(with_password))
     assert len(by_state(ts, TrialState.COMPLETE)) == 4
     stored = repr(study.user_attrs) + repr([(t.user_attrs, t.system_attrs) for t in ts])
     assert PASSWORD not in stored

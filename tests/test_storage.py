@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from psearch.engine import ownership, storage as storage_lib
+from psearch.engine import ownership, procfs, storage as storage_lib, urls
 
 MOUNTS = """\
 sysfs /sys sysfs rw 0 0
@@ -25,16 +25,16 @@ lustre@o2ib:/scratch /scratch lustre rw 0 0
     ("mysql+pymysql://u@h/db", False, "mysql+pymysql://u@h/db"),
 ])
 def test_postgresql_urls_get_the_installed_driver(url, psycopg2, expected):
-    assert storage_lib.driver_url(url, have_psycopg2=psycopg2) == expected
+    assert urls.driver_url(url, have_psycopg2=psycopg2) == expected
 
 
 def test_file_paths_behind_urls():
-    assert storage_lib.journal_path("journal:///shared/s.log") == "/shared/s.log"
-    assert storage_lib.journal_path("sqlite:///x.db") is None
-    assert str(storage_lib.sqlite_path("sqlite:////abs/dir/s.db")) == "/abs/dir/s.db"
-    assert str(storage_lib.sqlite_path("sqlite:///rel/s.db")) == "rel/s.db"
-    assert storage_lib.sqlite_path("sqlite://") is None
-    assert storage_lib.sqlite_path("postgresql://u@h/db") is None
+    assert urls.journal_path("journal:///shared/s.log") == "/shared/s.log"
+    assert urls.journal_path("sqlite:///x.db") is None
+    assert str(urls.sqlite_path("sqlite:////abs/dir/s.db")) == "/abs/dir/s.db"
+    assert str(urls.sqlite_path("sqlite:///rel/s.db")) == "rel/s.db"
+    assert urls.sqlite_path("sqlite://") is None
+    assert urls.sqlite_path("postgresql://u@h/db") is None
 
 
 def test_dashboard_command_takes_a_journal_path_not_its_url():
@@ -88,7 +88,7 @@ def test_this_process_is_alive_and_judged_by_its_start_time():
         ownership.Verdict.DEAD  # same pid, another process: the pid was reused
     assert ownership.judge({**attrs, "host": "elsewhere"}, here) == ownership.Verdict.UNKNOWN
     assert ownership.judge({**attrs, "pid_start": None}, here) == ownership.Verdict.UNKNOWN
-    assert ownership.process_start(2 ** 22 + 1) is None
+    assert procfs.process_start(2 ** 22 + 1) is None
 
 
 def test_run_ids_and_log_safe_host_names():

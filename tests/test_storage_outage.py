@@ -5,7 +5,6 @@ never comes back ends a launcher with one line and the rerun hint."""
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path

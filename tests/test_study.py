@@ -9,7 +9,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from psearch.engine import heartbeat, ownership, storage as storage_lib, study as study_lib
+from psearch.engine import ownership, procfs, storage as storage_lib, study as study_lib, watchers
 from psearch.engine.config import SearchConfig
 from psearch.writer_id.builtin import KIND, NAME
 
@@ -120,7 +120,7 @@ def test_a_claimed_trial_is_running_with_its_whole_owner(tmp_path):
     me = ownership.Host.current()
     assert {k: stored.user_attrs[k] for k in ownership.OWNER_KEYS} == {
         "host": me.name, "boot_id": me.boot_id, "pid": os.getpid(),
-        "pid_start": ownership.process_start(os.getpid()), "run": "node7/12/20261128T101500",
+        "pid_start": procfs.process_start(os.getpid()), "run": "node7/12/20261128T101500",
         "worker": "gpu3"}
 
 
@@ -193,7 +193,7 @@ def test_dead_trials_are_judged_by_process_here_and_by_heartbeat_elsewhere():
         _running(9, **mine, pid=10, pid_start=555),       # alive here beats a stale heartbeat
         _frozen(10, TrialState.FAIL, dict(mine, pid=12, pid_start=5)),  # not RUNNING
     ]
-    beats = heartbeat.BeatWatch()
+    beats = watchers.BeatWatch()
     beats.unchanged_for(106, 6, 900.0)   # trial 6's counter was 6 150 s ago, now 7
     beats.unchanged_for(107, 3, 900.0)   # trial 7's was 3 then, and still is
     gone, stale = study_lib.dead_trials(trials, HERE, heartbeat_grace_s=90, now=1050.0,
@@ -206,7 +206,7 @@ def test_dead_trials_are_judged_by_process_here_and_by_heartbeat_elsewhere():
 def test_a_journal_heartbeat_is_judged_on_the_readers_clock_only():
     """Whatever wall clock the writer has, a counter is stale only after the reader itself has
     watched it stand still for the grace period; a new reader watches first."""
-    beats = heartbeat.BeatWatch()
+    beats = watchers.BeatWatch()
     stuck = [_running(1, host="node2", heartbeat_n=5)]
     assert study_lib.dead_trials(stuck, HERE, 90, now=10.0, beats=beats)[1] == []
     assert study_lib.dead_trials(stuck, HERE, 90, now=99.0, beats=beats)[1] == []

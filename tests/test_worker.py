@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from psearch.engine import ownership
-from psearch.engine.worker import WorkerIdentity
+from psearch.engine.worker_env import WorkerIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJ = ROOT / "tests" / "objectives" / "worker_objectives.py"
@@ -149,3 +149,10 @@ def test_an_error_caused_by_the_stop_counts_as_an_interruption(tmp_path):
     (trial,) = trials(tmp_path)
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
     assert not (tmp_path / "trial_000" / "error.log").exists()
+
+
+def test_a_workers_identity_survives_its_environment():
+    who = WorkerIdentity(label="gpu3", rank=2, n_workers=4, managed=True, parent_pid=77,
+                         cpu_threads=5, run="node1/77/20261205T101500")
+    assert WorkerIdentity.from_environ(who.environ()) == who
+    assert WorkerIdentity.from_environ(WorkerIdentity().environ()) == WorkerIdentity()

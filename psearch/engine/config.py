@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from psearch.engine import objectives, paths
+from psearch.engine import layout, objectives
 from psearch.engine.errors import UsageError
 from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
 from psearch.engine.objectives import ObjectiveKind
+from psearch.engine.urls import STORAGE_ENV_PREFIX, redact_url, resolve_storage
 
 if TYPE_CHECKING:  # loads optuna: the launcher loads it only once it runs single-threaded
     from psearch.engine.space import Space
@@ -26,9 +27,8 @@ DEFAULT_STUDY_NAME = "writer_id_search"
 PRUNER_CHOICES = ("median", "asha", "hyperband", "none")
 # Below this, a heartbeat delayed by a busy database could make a live trial look dead.
 MIN_HEARTBEAT_GRACE_S = 5
-# `--storage env:NAME` reads the URL from the environment; the launcher hands the URL to its
-# workers this way (a password in a URL must never be on a command line: `ps` shows those).
-STORAGE_ENV_PREFIX = "env:"
+# The environment variable in which the launcher hands the storage URL to its workers (a
+# password in a URL must never be on a command line: `ps` shows those).
 CHILD_STORAGE_VAR = "PARALLEL_SEARCH_STORAGE"
 
 
@@ -87,53 +87,6 @@ class SearchConfig:
         d["storage"] = redact_url(self.storage) if self.storage else None
         d["space"] = self.space.to_data() if self.space is not None else None
         return d
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password hidden: postgresql://user:***@host:5432/db (pure).
-
-    The one rule for every place that shows a storage URL: banner, logs, report, errors, files.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    head, question, query = rest.partition("?")
-    userinfo, at, host_and_path = head.rpartition("@")
-    if at and ":" in userinfo:
-        head = f"{userinfo.split(':', 1)[0]}:***@{host_and_path}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
-    return f"{scheme}{sep}{head}{question}{query}"
-
-
-def url_secrets(url: str) -> list[str]:
-    """The passwords written in a URL, as typed: after 'user:' and in 'password=' (pure)."""
-    found = []
-    scheme, sep, rest = url.partition("://")
-    head, _, query = rest.partition("?")
-    userinfo, at, _ = head.rpartition("@")
-    if sep and at and ":" in userinfo:
-        found.append(userinfo.split(":", 1)[1])
-    found += re.findall(r"(?i)(?:^|&)password=([^&]*)", query)
-    return [secret for secret in found if secret]
-
-
-def without_password(url: str) -> str:
-    """The URL with no password at all, for commands to copy (libpq then reads ~/.pgpass or
-    PGPASSWORD) (pure)."""
-    bare = redact_url(url).replace(":***@", "@", 1)
-    return re.sub(r"(?i)([?&])password=\*\*\*(&|$)", lambda m: m.group(1) if m.group(2) else "",
-                  bare).rstrip("?&")
-
-
-def resolve_storage(spec: str | None, environ: Mapping[str, str]) -> str | None:
-    """`--storage` as given: a URL, or env:NAME naming the environment variable that holds one."""
-    if spec is None or not spec.startswith(STORAGE_ENV_PREFIX):
-        return spec
-    name = spec[len(STORAGE_ENV_PREFIX):]
-    url = environ.get(name, "").strip() if name else ""
-    _check(bool(url), f"--storage {spec}: the environment variable {name or '(none)'} is not set;"
-           f" export {name or 'NAME'}=postgresql://USER@HOST:PORT/DB first")
-    return url
 
 
 def add_search_args(parser: argparse.ArgumentParser, kind: ObjectiveKind | None = None) -> None:
@@ -221,7 +174,7 @@ def config_from_args(ns: argparse.Namespace, kind: ObjectiveKind | None = None,
     options = kind.options(ns)
     space = space_in_force(kind, options, ns.space_file)
     _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
-    checkpoint_dir = paths.check_output_dir("--checkpoint_dir", ns.checkpoint_dir)
+    checkpoint_dir = layout.check_output_dir("--checkpoint_dir", ns.checkpoint_dir)
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
            f"{MIN_HEARTBEAT_GRACE_S} seconds, got {ns.heartbeat_grace}")
     _check(ns.gpus_per_trial >= 1, f"--gpus_per_trial must be at least 1, got {ns.gpus_per_trial}")

@@ -15,6 +15,7 @@ import subprocess
 from typing import Callable, Mapping, Sequence
 
 from psearch.engine.errors import UsageError
+from psearch.engine.worker_env import WorkerIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -154,16 +155,9 @@ def worker_env(base: Mapping[str, str], slot: WorkerSlot, n_workers: int, parent
     # nvidia-smi must name the same GPUs in the worker.
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update({name: str(threads) for name in THREAD_VARS})
-    env.update({
-        "PARALLEL_SEARCH_WORKER": slot.label,
-        "PARALLEL_SEARCH_RANK": str(slot.rank),
-        "PARALLEL_SEARCH_N_WORKERS": str(n_workers),
-        "PARALLEL_SEARCH_MANAGED": "1",
-        "PARALLEL_SEARCH_PARENT_PID": str(parent_pid),
-        "PARALLEL_SEARCH_CPU_THREADS": str(threads),
-        "PARALLEL_SEARCH_RUN": run,
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(WorkerIdentity(label=slot.label, rank=slot.rank, n_workers=n_workers, managed=True,
+                              parent_pid=parent_pid, cpu_threads=threads, run=run).environ())
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
+from psearch.engine.errors import FailReason
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DISK_FULL_REASON = "No space left on device"  # the fail reason of a trial that filled the disk
+DISK_FULL_REASON = FailReason.DISK_FULL  # the fail reason of a trial that filled the disk
 SQLITE_FULL = 13  # sqlite3's error code for "database or disk is full"
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # How long the study's storage may stay unreachable (a database restarted, a maintenance window)

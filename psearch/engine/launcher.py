@@ -18,21 +18,22 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from psearch.engine import cli, cmdline, devices, forked, layout, objectives, ownership, progress
-from psearch.engine.children import (PREPARED_MARKER, child_environ, module_argv, summary_argv,
+from psearch.engine import cli, console, devices, layout, objectives, ownership, spawn, urls
+from psearch.engine.spawn import (PREPARED_MARKER, child_environ, module_argv, summary_argv,
                                      summary_hint)
 from psearch.engine.config import (SearchConfig, add_search_args, config_from_args, config_to_argv,
                                    space_in_force)
 from psearch.engine.console import banner_head, banner_tail, file_log, say, setup_logging
-from psearch.engine.errors import EXIT_DISK_FULL, EXIT_USAGE, UsageError
+from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_USAGE, FailReason,
+                                   UsageError, signal_exit)
 from psearch.engine.objectives import ObjectiveKind
+from psearch.engine.worker_env import WorkerIdentity
 from psearch.engine.supervisor import Launch, Run, final_report, supervise
-from psearch.engine.workers import Controller, Interrupts, Worker, run_child
+from psearch.engine.controller import Controller, Interrupts, Worker, run_child
 
 if TYPE_CHECKING:  # loaded in launch(), after the launcher has limited its BLAS threads
     import optuna
@@ -168,12 +169,12 @@ def prepare(cfg: SearchConfig, environ: Mapping[str, str],
     and the study when it was opened here). A custom objective is prepared in this process;
     the built-in one in a helper process, which loads torch to check the pretrained weights and
     builds the image cache (this process never loads torch)."""
-    if cfg.objective_kind.prepare_in_helper or forked.thread_count() != 1:
+    if cfg.objective_kind.prepare_in_helper or spawn.thread_count() != 1:
         return prepare_in_helper(cfg, environ, interrupts), None
     code, study = prepare_here(cfg)
     if interrupts.count and code != EXIT_USAGE:
         logger.warning("Interrupted while preparing: no worker was started")
-        return 128 + interrupts.signum, None
+        return signal_exit(interrupts.signum), None
     return code, study
 
 
@@ -184,19 +185,19 @@ def prepare_here(cfg: SearchConfig) -> tuple[int, optuna.Study | None]:
     from psearch.engine import faults, worker
 
     def check_in_child(cfg: SearchConfig) -> dict:
-        forked.call_in_child(cfg.objective_kind.check, cfg)
+        spawn.call_in_child(cfg.objective_kind.check, cfg)
         return {}
 
     check = check_in_child if cfg.objective_kind.check_in_child else None
     try:
-        return 0, worker.open_checked_study(cfg, worker.WorkerIdentity(), check)
+        return 0, worker.open_checked_study(cfg, WorkerIdentity(), check)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)  # a refused run writes no log
         return EXIT_USAGE, None
     except RuntimeError as exc:  # the check itself ended badly (SystemExit at import, say)
         logger.error("Preparation failed: the objective %s could not be checked (%s); nothing "
                      "was started", cfg.objective, exc)
-        return 1, None
+        return EXIT_FAILED, None
     except Exception as exc:  # noqa: BLE001 - a full disk or a storage error: one line
         if faults.is_disk_full(exc):
             logger.error("Preparation stopped: no space left on the device (%s); nothing was "
@@ -206,15 +207,15 @@ def prepare_here(cfg: SearchConfig) -> tuple[int, optuna.Study | None]:
                          "started", faults.one_line(exc))
         else:
             raise
-        return 1, None
+        return EXIT_FAILED, None
 
 
 def prepare_in_helper(cfg: SearchConfig, environ: Mapping[str, str],
                       interrupts: Interrupts) -> int:
     """Run the worker once with --prepare_only: index data, build the cache, check weights,
     create or load the study and check its settings."""
-    env = {**child_environ(environ, cfg), "PARALLEL_SEARCH_WORKER": "prepare",
-           "PARALLEL_SEARCH_MANAGED": "1", "PARALLEL_SEARCH_PARENT_PID": str(os.getpid()),
+    env = {**child_environ(environ, cfg),
+           **WorkerIdentity(label="prepare", managed=True, parent_pid=os.getpid()).environ(),
            "PYTHONUNBUFFERED": "1"}
     output = HeldOutput()
     code = run_child([*module_argv(sys.executable, cfg.objective_kind.worker_module),
@@ -223,16 +224,16 @@ def prepare_in_helper(cfg: SearchConfig, environ: Mapping[str, str],
     output.finish(code)
     if interrupts.count:
         logger.warning("Interrupted while preparing: no worker was started")
-        return 128 + interrupts.signum
+        return signal_exit(interrupts.signum)
     if code == EXIT_USAGE:  # its one `error:` line says it all; and a refused run writes no log
         file_log.info("Preparation refused the arguments; nothing was started")
     elif code == EXIT_DISK_FULL:
         logger.error("Preparation stopped: no space left on the device (see above); nothing was "
                      "started")
-        return 1
+        return EXIT_FAILED
     elif code != 0:
         logger.error("Preparation failed with exit code %d (see the output above)", code)
-        return 1
+        return EXIT_FAILED
     return code
 
 
@@ -277,7 +278,7 @@ def launch(job: Launch) -> int:
     if warning:
         logger.warning("%s", warning)
     code, study = prepare(job.cfg, job.environ, interrupts)
-    if code not in (0, 1):  # refused or interrupted: nothing was created, nothing is written
+    if code not in (EXIT_OK, EXIT_FAILED):  # refused or interrupted: nothing was created, nothing is written
         return code
     log_file.open(job.launcher_log)
     if code != 0:
@@ -295,12 +296,12 @@ def launch(job: Launch) -> int:
     seen = interrupts.count
     summarize(job.cfg, job.environ, interrupts)
     if interrupts.count > seen and code == 0:  # a stop during the summary: say so in the code
-        return 128 + interrupts.signum
+        return signal_exit(interrupts.signum)
     return code
 
 
 def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
-                status: progress.StatusLine) -> tuple[int, bool]:
+                status: console.StatusLine) -> tuple[int, bool]:
     """Start the workers (unless the budget is already reached), supervise them, report; the
     exit code, and whether the disk filled up."""
     from psearch.engine import confirm, faults, study as study_lib
@@ -315,14 +316,15 @@ def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
             + ": nothing to run (raise --n_trials or --confirm_top/--confirm_seeds to run more)")
         return 0, False
     if interrupts.count:
-        return 128 + interrupts.signum, False
+        return signal_exit(interrupts.signum), False
     ctl = start_workers(job, status, study_lib.count_trials(confirm.search_trials(trials)))
     run = Run(job=job, study=study, ctl=ctl, interrupts=interrupts, status=status,
               finished_at_start=left.done)
     supervise(run)
     # Every worker of ours has ended: a trial of this run still RUNNING has no one behind it.
     try:
-        study_lib.fail_running_trials(study, "interrupted" if run.stopping else "worker_died",
+        study_lib.fail_running_trials(study, FailReason.INTERRUPTED if run.stopping
+                                      else FailReason.WORKER_DIED,
                                       run=job.run)
     except Exception as exc:  # noqa: BLE001 - a full disk: the rerun recovers them as crashed
         if not (faults.is_disk_full(exc) or faults.is_storage_error(exc)):
@@ -332,7 +334,7 @@ def run_workers(job: Launch, study: optuna.Study, interrupts: Interrupts,
     return final_report(run, job.argv), run.disk_full
 
 
-def start_workers(job: Launch, status: progress.StatusLine,
+def start_workers(job: Launch, status: console.StatusLine,
                   counts: study_lib.Counts) -> Controller:
     """Print the banner and start one worker per slot."""
     n_cores = len(os.sched_getaffinity(0))
@@ -372,7 +374,7 @@ def check_devices(ns: argparse.Namespace, slots: Sequence[devices.WorkerSlot],
 def main(argv: Sequence[str] | None = None, default: ObjectiveKind | None = None) -> int:
     """Entry point: parse and validate, then launch; exit 0 only when the budget was reached.
     `default`: the objective without --objective (the entry point's: the built-in one)."""
-    cmdline.hide_url_passwords(sys.argv[1:])  # if not done yet (a console script): `ps` shows argv
+    urls.hide_url_passwords(sys.argv[1:])  # if not done yet (a console script): `ps` shows argv
     environ = dict(os.environ)  # what workers and helpers get: as it was, not as limited here
     limit_own_threads()  # before the checks load optuna (the search space) and numpy
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -394,9 +396,9 @@ def main(argv: Sequence[str] | None = None, default: ObjectiveKind | None = None
         cfg = config_from_args(ns, kind)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl+C while the demo data is generated: nothing started yet
-        return 128 + signal.SIGINT
+        return signal_exit(signal.SIGINT)
     host = ownership.Host.current()
     return launch(Launch(cfg=cfg, ns=ns, slots=tuple(slots), argv=tuple(argv),
                          environ=environ, stamp=time.strftime("%Y%m%d_%H%M%S"),

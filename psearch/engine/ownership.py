@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from psearch.engine.procfs import process_start
+
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 # The user attributes of a trial that name its owner.
 OWNER_KEYS = ("host", "boot_id", "pid", "pid_start", "run", "worker")
@@ -48,21 +50,6 @@ def read_boot_id() -> str:
         return BOOT_ID_PATH.read_text().strip()
     except OSError:
         return ""
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of process `pid` in clock ticks since boot; None when no such process lives.
-
-    A zombie counts as dead: it will never touch its trial again.
-    """
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
 
 
 def owner_attrs(host: Host, run: str, worker: str, pid: int | None = None) -> dict[str, Any]:

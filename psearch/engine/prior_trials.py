@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import layout, storage as storage_lib
-from psearch.engine.config import SearchConfig, redact_url
+from psearch.engine import layout, storage as storage_lib, urls
+from psearch.engine.config import SearchConfig
+from psearch.engine.urls import redact_url
 from psearch.engine.errors import UsageError
 from psearch.engine.space import Space
 
@@ -91,6 +92,10 @@ def read_source(cfg: SearchConfig) -> Source | None:
     if cfg.warm_start is None:
         return None
     url = source_url(cfg.warm_start)
+    path = urls.file_path(url)
+    if path is not None and not path.is_file():  # opening it would create an empty one
+        raise UsageError(f"--warm_start {cfg.warm_start}: no study database at {path}; give an "
+                         "earlier search's folder or storage URL")
     if url == cfg.storage_url and (cfg.warm_start_study or cfg.study_name) == cfg.study_name:
         raise UsageError(f"--warm_start {cfg.warm_start} is this study itself; give an earlier "
                          "search's folder (or another --warm_start_study)")

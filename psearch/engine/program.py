@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Mapping, Sequence
 
-from psearch.engine import children, layout, objectives, ranks
+from psearch.engine import layout, objectives, ranks, spawn
 from psearch.engine.errors import UsageError
 from psearch.engine.objectives import TrialFailed
 
@@ -237,7 +237,7 @@ class ProgramObjective:
         resumed = trial.user_attrs.get("resumed_from")
         resume = layout.trial_dir(self.cfg.checkpoint_dir, int(resumed)) if resumed is not None \
             else None
-        env = trial_env(children.child_environ(os.environ), trial_dir, trial.number, params,
+        env = trial_env(spawn.child_environ(os.environ), trial_dir, trial.number, params,
                         resume)
         with Running(argv, env, trial_dir, self.cfg.gpus_per_trial) as running:
             return Watch(trial, self.options.metric, trial_dir).run(running, self.stop)

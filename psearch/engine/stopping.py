@@ -1,8 +1,11 @@
-"""Graceful stop on SIGINT/SIGTERM/SIGHUP for a worker process.
+"""Graceful stop on SIGINT/SIGTERM/SIGHUP for a worker process: how a stop reaches a trial (the
+launcher's side, forwarding Ctrl+C/SIGTERM to every worker's process group, is controller.py).
 
 The first signal asks the worker to stop at the next safe point: the built-in trainer polls
-`StopFlag.requested` between batches; code that cannot poll (a custom objective) is interrupted by
-`StopRequested` raised from the handler while `raise_now` is set. A second Ctrl+C (SIGINT, a
+`StopFlag.requested` between batches, and so do the loops that watch a trial's ranks (ranks.py)
+or its training program (program.py), which then end those processes; code that cannot poll (a
+custom objective) is interrupted by `StopRequested` raised from the handler while `raise_now` is
+set. The trial ends `interrupted` (trial.py) and runs again on the rerun. A second Ctrl+C (SIGINT, a
 moment after the first) raises at once. Repeated SIGTERMs do not escalate: they arrive in bursts
 (`scancel` signals every process while the launcher forwards its own; Linux sends the
 parent-death signal once per launcher thread), and the launcher escalates with SIGKILL itself.
@@ -18,6 +21,8 @@ import os
 import signal
 import time
 from types import FrameType
+
+from psearch.engine.errors import signal_exit
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -45,7 +50,7 @@ class StopFlag:
     def exit_code(self) -> int:
         """128 + signal number, as shells report a signalled process (130 SIGINT, 143 SIGTERM,
         129 SIGHUP)."""
-        return 128 + (self.signum or signal.SIGINT)
+        return signal_exit(self.signum or signal.SIGINT)
 
     def check(self) -> None:
         """Raise StopRequested if a stop was asked for (the trainer's safe point)."""

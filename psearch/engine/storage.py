@@ -17,7 +17,6 @@ share a checkpoint folder or not:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import logging
 import os
@@ -31,13 +30,15 @@ from typing import Callable, Iterator
 
 import optuna
 
-from psearch.engine import locks, paths
-from psearch.engine.config import SearchConfig, redact_url, url_secrets, without_password
+from psearch.engine import layout, locks, optuna_internals
+from psearch.engine.optuna_internals import rdb_backend, rdb_engine
+from psearch.engine.config import SearchConfig
+from psearch.engine.urls import (driver_url, journal_path, redact_url, sqlite_path, url_secrets,
+                                 without_password)
 from psearch.engine.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_PREFIX = "journal:///"
 # File systems on which SQLite's locking is unreliable (and a database file may be corrupted).
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs",
@@ -57,7 +58,7 @@ def _take_over_in_child() -> None:
     (SQLAlchemy's `dispose(close=False)`, made for this); `make_storage` hands out the storages."""
     _INHERITED.clear()
     for key, storage in list(_OPENED.items()):
-        storage.engine.dispose(close=False)
+        optuna_internals.rdb_engine(storage).dispose(close=False)
         _INHERITED[key] = storage
 
 
@@ -67,32 +68,6 @@ os.register_at_fork(after_in_child=_take_over_in_child)
 def heartbeat_interval_s(grace_s: int) -> int:
     """Seconds between heartbeats: a quarter of the grace period, at most 20 (pure)."""
     return max(1, min(20, grace_s // 4))
-
-
-def driver_url(url: str, have_psycopg2: bool | None = None) -> str:
-    """`postgresql://` (or `postgres://`) with the psycopg 3 driver this project installs, unless
-    psycopg2 is there (SQLAlchemy's default for a bare `postgresql://`) (pure but for the check)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("postgresql", "postgres"):
-        return url
-    if have_psycopg2 is None:
-        have_psycopg2 = importlib.util.find_spec("psycopg2") is not None
-    return url if have_psycopg2 and scheme == "postgresql" else f"postgresql+psycopg://{rest}"
-
-
-def journal_path(url: str) -> str | None:
-    """The journal file of a `journal:///PATH` URL, else None (pure)."""
-    return url[len(JOURNAL_PREFIX) - 1:] if url.startswith(JOURNAL_PREFIX) else None
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL (None for other storages or an in-memory one) (pure)."""
-    if not url.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database
-    return Path(database) if database and database != ":memory:" else None
 
 
 def is_schema_race(exc: BaseException) -> bool:
@@ -118,7 +93,7 @@ def make_storage(url: str, heartbeat_grace_s: int = SearchConfig.heartbeat_grace
         return optuna.storages.JournalStorage(JournalFileBackend(path))
     db = sqlite_path(url)
     if db is not None:
-        paths.check_sqlite_file(db)
+        layout.check_sqlite_file(db)
         db.parent.mkdir(parents=True, exist_ok=True)
     if (url, heartbeat_grace_s) in _INHERITED:  # opened by the process this one was forked from
         return _INHERITED.pop((url, heartbeat_grace_s))
@@ -160,12 +135,6 @@ def _cannot_open(url: str, exc: Exception) -> UsageError:
                       "sqlite:///FILE, postgresql://USER@HOST:PORT/DB or journal:///FILE")
 
 
-def rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
-    """The RDBStorage behind a storage (Optuna wraps it in a cache), or None."""
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
-
-
 def lock_key(study_name: str) -> int:
     """A 32-bit advisory-lock key for one study (pure): studies of one database don't wait on
     each other."""
@@ -177,8 +146,8 @@ def budget_lock(study: optuna.Study, url: str,
                 cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
     """Hold the study's budget lock for the block (see the module docstring). Waiting for it ends
     with StopRequested as soon as `cancelled()` is true, so a stop is never stuck behind it."""
-    backend = rdb_backend(study._storage)
-    if backend is not None and backend.engine.name in ("postgresql", "mysql"):
+    backend = rdb_backend(optuna_internals.storage(study))
+    if backend is not None and rdb_engine(backend).name in ("postgresql", "mysql"):
         with _database_lock(backend, study.study_name, cancelled):
             yield
         return
@@ -205,8 +174,8 @@ def _database_lock(backend: optuna.storages.RDBStorage, study_name: str,
     by polling (try, then wait a moment) so that `cancelled()` is checked while waiting."""
     from sqlalchemy import text
 
-    with backend.engine.connect() as conn:
-        if backend.engine.name == "postgresql":
+    with rdb_engine(backend).connect() as conn:
+        if rdb_engine(backend).name == "postgresql":
             with conn.begin():  # the advisory lock ends with this transaction
                 key = {"key": lock_key(study_name)}
                 locks.wait_for(lambda: bool(conn.execute(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import logging
 import time
 import warnings
@@ -16,25 +17,34 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from psearch.engine import (confirm, faults, heartbeat, ownership, prior_trials,
-                            space as space_lib, storage as storage_lib)
-from psearch.engine.config import SearchConfig, absolute_objective, redact_url
-from psearch.engine.errors import UsageError
+from psearch.engine import (confirm, optuna_internals, ownership, prior_trials, procfs,
+                            space as space_lib, storage as storage_lib, watchers)
+from psearch.engine.config import SearchConfig, absolute_objective
+from psearch.engine.urls import redact_url
+from psearch.engine import errors
+from psearch.engine.errors import FailReason, UsageError
 from psearch.engine.resilient_trial import ResilientTrial
 from psearch.engine.stopping import StopRequested
 
 logger = logging.getLogger(__name__)
 
-INTERRUPTED = "interrupted"  # the fail reason of a trial a stop ended: it runs again
-STORAGE_LOST = "storage_unreachable"  # the study stayed unreachable longer than a trial waited
-# Trials failed for these reasons did not fail on their own merits: they run again.
-RETRYABLE_REASONS = frozenset({INTERRUPTED, STORAGE_LOST, "worker_died", "crashed", "stale"})
-# ... and these are not even attempts: the trial itself had no part in them.
-NOT_ATTEMPTS = frozenset({INTERRUPTED, STORAGE_LOST})
+# The fail reasons (errors.FailReason) the rest of the engine names through the study.
+INTERRUPTED, STORAGE_LOST = FailReason.INTERRUPTED, FailReason.STORAGE_LOST
+RETRYABLE_REASONS, NOT_ATTEMPTS = errors.RETRYABLE_REASONS, errors.NOT_ATTEMPTS
 # Reasons that count as an attempt (an interrupt does not): a trial that keeps killing its worker
 # stops being retried after this many attempts.
 MAX_ATTEMPTS = 3
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Step(str, enum.Enum):
+    """What a claim does (claim_step decides it from the study's trials)."""
+
+    TAKE = "take"        # the RUNNING trial this owner already holds (its answer was lost)
+    NONE = "none"        # no budget left
+    ASK = "ask"          # a trial enqueued (--enqueue, or by hand): ask() takes the oldest
+    CREATE = "create"    # a new trial, or the rerun of a FAIL one that runs again
+    CONFIRM = "confirm"  # a confirmation run of an open (set, seed) slot
 
 
 class SettingsMismatch(UsageError):
@@ -345,31 +355,29 @@ def claim_trial(study: optuna.Study, cfg: SearchConfig, owner: Mapping[str, Any]
             trials = study.get_trials(deepcopy=False)
         step, retry = claim_step(trials, owner, cfg.n_trials, Confirmation.of(cfg))
         seeded = {**owner, confirm.SEED: cfg.seed}  # a search trial trains with --seed
-        if step == "none":
+        if step == Step.NONE:
             return None
-        if step == "ask":  # a trial enqueued by hand: ask() takes the oldest
+        if step == Step.ASK:  # a trial enqueued by hand: ask() takes the oldest
             trial = study.ask()
             if not _owned_by(trial, owner):
                 for key, value in seeded.items():
                     trial.set_user_attr(key, value)
             return trial
-        if step == "create":
-            trial_id = study._storage.create_new_trial(
-                study._study_id, template_trial=_template(seeded, retry))
+        if step == Step.CREATE:
+            trial_id = optuna_internals.create_running_trial(study, _template(seeded, retry))
             if retry is not None:
                 logger.info("Trial %d (%s) runs again as a new trial with the same "
                             "hyperparameters", retry.number, _reason(retry))
-        elif step == "confirm":
-            trial_id = study._storage.create_new_trial(
-                study._study_id, template_trial=_confirm_template(owner, retry))
+        elif step == Step.CONFIRM:
+            trial_id = optuna_internals.create_running_trial(study, _confirm_template(owner, retry))
             logger.info("Confirming trial %d's hyperparameters with seed %d", retry.confirms,
                         retry.seed)
         else:  # an earlier call created our trial, then lost the answer to a storage error
-            trial_id = next(t._trial_id for t in trials if t.state == TrialState.RUNNING
+            trial_id = next(optuna_internals.trial_id(t) for t in trials if t.state == TrialState.RUNNING
                             and _owned_by(t, owner))
     # What ask() does once it has the trial (its cache of trials would be one trial old); the
     # trial is ours already, so the lock is not held while the sampler reads the study.
-    study._thread_local.cached_all_trials = None
+    optuna_internals.forget_cached_trials(study)
     return confirm.never_pruned(ResilientTrial(study, trial_id, cancelled))
 
 
@@ -380,18 +388,18 @@ def claim_step(trials: Sequence[FrozenTrial], owner: Mapping[str, Any], n_trials
     one (rerunning the returned FAIL trial, if any), or, once the search is over, 'create' the
     rerun of a confirmation run or 'confirm' the returned open confirm.Slot."""
     if any(t.state == TrialState.RUNNING and _owned_by(t, owner) for t in trials):
-        return "take", None
+        return Step.TAKE, None
     own = confirm.search_trials(trials)
     if budget_left(count_trials(own), n_trials) > 0:
         if any(t.state == TrialState.WAITING for t in own):
-            return "ask", None
-        return "create", next_retry(own)
+            return Step.ASK, None
+        return Step.CREATE, next_retry(own)
     if confirmation.top <= 0 or not confirm.search_over(trials, n_trials):
-        return "none", None
+        return Step.NONE, None
     retries, open_slots = confirmation_work(trials, confirmation.slots(trials))
     if retries:
-        return "create", retries[0]
-    return ("confirm", open_slots[0]) if open_slots else ("none", None)
+        return Step.CREATE, retries[0]
+    return (Step.CONFIRM, open_slots[0]) if open_slots else (Step.NONE, None)
 
 
 def _confirm_template(owner: Mapping[str, Any], slot: confirm.Slot) -> FrozenTrial:
@@ -417,7 +425,7 @@ def _owned_by(t: FrozenTrial | optuna.Trial, owner: Mapping[str, Any]) -> bool:
 
 def _reason(t: FrozenTrial) -> str:
     # A FAIL without a reason was failed by Optuna's heartbeat check: its worker vanished.
-    return str(t.user_attrs.get("fail_reason", "stale"))
+    return str(t.user_attrs.get("fail_reason", FailReason.STALE))
 
 
 def next_retry(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
@@ -481,7 +489,7 @@ def _fail(study: optuna.Study, trials: Sequence[FrozenTrial], reason: str) -> li
     failed = []
     for t in trials:
         with contextlib.suppress(RuntimeError, ValueError):
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            optuna_internals.set_trial_user_attr(study, t, "fail_reason", reason)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             failed.append(t.number)
     return failed
@@ -489,8 +497,8 @@ def _fail(study: optuna.Study, trials: Sequence[FrozenTrial], reason: str) -> li
 
 def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_grace_s: int,
                 now: float, stale_ids: Collection[int] = (),
-                start_of=ownership.process_start,
-                beats: heartbeat.BeatWatch | None = None) -> tuple[list, list]:
+                start_of=procfs.process_start,
+                beats: watchers.BeatWatch | None = None) -> tuple[list, list]:
     """RUNNING trials that are provably dead, as (owner gone from this host, heartbeat stale).
 
     An owner on this host is judged by its process (pid and start time), at once and above any
@@ -499,18 +507,19 @@ def dead_trials(trials: Sequence[FrozenTrial], here: ownership.Host, heartbeat_g
     that `Heartbeat` writes, judged by `beats` on this process's monotonic clock `now` (pure but
     for `start_of` and what `beats` remembers).
     """
-    beats = heartbeat.BEATS if beats is None else beats
+    beats = watchers.BEATS if beats is None else beats
     gone, stale = [], []
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
         verdict = ownership.judge(t.user_attrs, here, start_of)
-        count = t.user_attrs.get(heartbeat.HEARTBEAT_COUNT)
+        count = t.user_attrs.get(watchers.HEARTBEAT_COUNT)
         if verdict == ownership.Verdict.DEAD:
             gone.append(t)
         elif verdict == ownership.Verdict.UNKNOWN and (
-                t._trial_id in stale_ids
-                or (count is not None and beats.unchanged_for(t._trial_id, count, now)
+                optuna_internals.trial_id(t) in stale_ids
+                or (count is not None
+                    and beats.unchanged_for(optuna_internals.trial_id(t), count, now)
                     > heartbeat_grace_s)):
             stale.append(t)
     return gone, stale
@@ -526,14 +535,13 @@ def recover_dead_trials(study: optuna.Study, here: ownership.Host, heartbeat_gra
         trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not any(t.state == TrialState.RUNNING for t in trials):
         return []
-    backend = storage_lib.rdb_backend(study._storage)
-    stale_ids = backend._get_stale_trial_ids(study._study_id) if backend is not None else []
+    stale_ids = optuna_internals.stale_trial_ids(study)
     gone, stale = dead_trials(trials, here, heartbeat_grace_s, time.monotonic(), set(stale_ids))
-    crashed = _fail(study, gone, "crashed")
+    crashed = _fail(study, gone, FailReason.CRASHED)
     if crashed:
         logger.warning("Trials %s were left RUNNING by processes of %s that no longer exist: "
                        "they run again", crashed, here.name)
-    silent = _fail(study, stale, "stale")
+    silent = _fail(study, stale, FailReason.STALE)
     if silent:
         logger.warning("Trials %s sent no heartbeat for %d s (their host or worker died): they "
                        "run again", silent, heartbeat_grace_s)

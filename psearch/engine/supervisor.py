@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from psearch.engine import devices, errors, faults, layout, ownership, progress
-from psearch.engine.config import SearchConfig, redact_url
+from psearch.engine import console, devices, errors, faults, layout, ownership
+from psearch.engine.config import SearchConfig
+from psearch.engine.urls import redact_url
 from psearch.engine.console import LOG_EVERY_S, RULE, TTY_REFRESH_S, say
-from psearch.engine.workers import Controller, Exit, Interrupts, Worker
+from psearch.engine.controller import Controller, Exit, Interrupts, Worker
+from psearch.engine.errors import FailReason, WorkerEnd, classify_exit
 
 if TYPE_CHECKING:  # loaded once the launcher runs, after it has limited its BLAS threads
     import optuna
@@ -30,18 +32,6 @@ logger = logging.getLogger("launcher")
 POLL_S = 0.2
 # How often a launcher whose workers are done looks at the study for other launchers' trials.
 WAIT_POLL_S = 2.0
-
-
-def classify_exit(returncode: int) -> str:
-    """What a worker's exit code means (pure): done, usage, failures, no_device, timeout,
-    disk_full, storage (it gave up on an unreachable study) or died."""
-    return {errors.EXIT_OK: "done",  # no budget left for it to start a trial
-            errors.EXIT_USAGE: "usage",
-            errors.EXIT_TOO_MANY_FAILURES: "failures",  # something is wrong with the setup
-            errors.EXIT_NO_DEVICE: "no_device",
-            errors.EXIT_TRIAL_TIMEOUT: "timeout",
-            errors.EXIT_DISK_FULL: "disk_full",
-            errors.EXIT_STORAGE: "storage"}.get(returncode, "died")  # or killed by a signal
 
 
 def describe_exit(returncode: int) -> str:
@@ -60,12 +50,12 @@ def final_exit_code(finished: int, n_trials: int, usage_error: bool,
     budget was reached or the rest was left to other launchers (--no_wait), 1 when the search
     cannot get there (pure)."""
     if usage_error:
-        return 2
+        return errors.EXIT_USAGE
     if disk_full:
-        return 1
+        return errors.EXIT_FAILED
     if stop_signal is not None:
-        return 128 + stop_signal
-    return 0 if finished >= n_trials or left_to_others else 1
+        return errors.signal_exit(stop_signal)
+    return errors.EXIT_OK if finished >= n_trials or left_to_others else errors.EXIT_FAILED
 
 
 def after_workers(finished: int, running: int, n_trials: int, restartable: int,
@@ -117,7 +107,7 @@ class Run:
     study: optuna.Study
     ctl: Controller
     interrupts: Interrupts
-    status: progress.StatusLine
+    status: console.StatusLine
     finished_at_start: int
     started: float = dataclasses.field(default_factory=time.monotonic)
     stop_signal: int | None = None
@@ -315,30 +305,30 @@ def on_exit(run: Run, ended: Exit) -> None:
 
     w, code, kind = ended.worker, ended.returncode, classify_exit(ended.returncode)
     stopping = run.stopping
-    if kind == "done" and not stopping:
+    if kind == WorkerEnd.DONE and not stopping:
         run.done.append(w)
-    if stopping or kind == "done":
+    if stopping or kind == WorkerEnd.DONE:
         logger.info("Worker %s (pid %d) ended: %s", w.slot.label, ended.pid, describe_exit(code))
-    elif kind == "usage":
+    elif kind == WorkerEnd.USAGE:
         logger.error("Worker %s refused its arguments (exit code 2, see %s); stopping the run",
                      w.slot.label, w.log_path)
         run.usage_error = True
         run.ctl.request_stop(signal.SIGTERM, run.stop_timeout)
-    elif kind == "failures":
+    elif kind == WorkerEnd.FAILURES:
         run.gave_up.append(w)
         logger.warning("Worker %s stopped after too many failed trials in a row (see %s); it is "
                        "not restarted", w.slot.label, w.log_path)
-    elif kind == "no_device":
+    elif kind == WorkerEnd.NO_DEVICE:
         logger.error("Worker %s cannot use %s (CUDA does not see it; see %s): that slot is "
                      "stopped, it never trains on the CPU instead", w.slot.label,
                      w.slot.describe(), w.log_path)
-    elif kind == "timeout":
+    elif kind == WorkerEnd.TIMEOUT:
         logger.warning("Worker %s: its trial ran past --trial_timeout %g s and was failed; its "
                        "processes were killed and it starts again", w.slot.label,
                        run.cfg.trial_timeout or 0)
-    elif kind == "disk_full":
+    elif kind == WorkerEnd.DISK_FULL:
         stop_for_full_disk(run, f"worker {w.slot.label}")
-    elif kind == "storage":
+    elif kind == WorkerEnd.STORAGE:
         run.cut_off.append(w)
         logger.warning("Worker %s gave up on the study, unreachable for %.0f s (see %s); it starts "
                        "again once the study answers", w.slot.label, faults.outage_s(),
@@ -347,7 +337,7 @@ def on_exit(run: Run, ended: Exit) -> None:
         logger.warning("Worker %s (pid %d) died: %s (its log: %s)", w.slot.label, ended.pid,
                        describe_exit(code), w.log_path)
     if code != 0:  # a worker that did not end cleanly may have left its trial RUNNING
-        reason = "interrupted" if run.stopping else "worker_died"
+        reason = FailReason.INTERRUPTED if run.stopping else FailReason.WORKER_DIED
         try:
             failed = study_lib.fail_running_trials(run.study, reason, pid=ended.pid,
                                                    run=run.job.run)
@@ -360,9 +350,9 @@ def on_exit(run: Run, ended: Exit) -> None:
         if failed:
             logger.warning("Trial(s) %s of worker %s marked failed (%s): they run again",
                            failed, w.slot.label, reason)
-    if kind == "timeout" and not run.stopping:
+    if kind == WorkerEnd.TIMEOUT and not run.stopping:
         run.ctl.start(w)  # the hung trial is over; the slot itself is fine
-    elif kind == "died" and not stopping and not run.ctl.schedule_restart(w):
+    elif kind == WorkerEnd.DIED and not stopping and not run.ctl.schedule_restart(w):
         logger.warning("Dropping %s: its worker keeps dying soon after starting",
                        w.slot.describe())
         if not run.ctl.active():
@@ -377,8 +367,8 @@ def refresh_status(run: Run, force_log: bool = False) -> study_lib.Counts:
     counts = study_lib.count_trials(trials, run.cfg.direction)
     left = study_lib.budget(trials, run.cfg.n_trials, study_lib.Confirmation.of(run.cfg))
     elapsed = time.monotonic() - run.started
-    eta = progress.eta_s(left.done, run.finished_at_start, left.total, elapsed)
-    line = progress.status_line(
+    eta = console.eta_s(left.done, run.finished_at_start, left.total, elapsed)
+    line = console.status_line(
         counts, run.cfg.n_trials, elapsed, eta,
         devices.per_trial_words(run.job.slots, run.cfg.gpus_per_trial),
         finished=left.finished,
@@ -398,7 +388,8 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
         if not faults.is_transient_storage_error(exc):
             raise
         run.status.close()
-        code = 128 + run.stop_signal if run.stop_signal is not None else 1
+        code = (errors.signal_exit(run.stop_signal) if run.stop_signal is not None
+                else errors.EXIT_FAILED)
         say(run.status, "\n".join([
             RULE, f"Search stopped: the study cannot be reached ({faults.one_line(exc)}). "
             "Nothing is lost: rerun the same command to resume once it answers again:",
@@ -431,8 +422,8 @@ def final_report(run: Run, user_argv: Sequence[str]) -> int:
             lines.append(f"{len(run.gave_up)} worker(s) stopped after {errors.MAX_CONSECUTIVE_FAILURES} failed "
                          "trials in a row: fix the cause first (trial_NNN/error.log, the "
                          "fail_reason in trials.csv, the worker logs)")
-        why = {129: "terminal closed", 130: "interrupted", 143: "terminated"}.get(
-            code, "not all trials finished")
+        why = next((words for sig, words in errors.SIGNAL_WORDS.items()
+                    if code == errors.signal_exit(sig)), "not all trials finished")
         lines += [f"Search stopped ({why}, exit code {code}). Rerun the same command to resume:",
                   "  " + resume_command(user_argv)]
     lines.append(RULE)

@@ -24,17 +24,18 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import (atomic, faults, heartbeat, layout, storage as storage_lib,
+from psearch.engine import (atomic, faults, layout, storage as storage_lib, watchers,
                             study as study_lib)
 from psearch.engine.config import SearchConfig
+from psearch.engine.errors import FailReason
 from psearch.engine.objectives import Objective, TrialFailed
 from psearch.engine.stopping import StopFlag, StopRequested
-from psearch.engine.watchdog import TrialWatchdog
+from psearch.engine.watchers import TrialWatchdog
 
 logger = logging.getLogger("worker")
-TIMEOUT = "timeout"  # the fail reason of a trial that ran past --trial_timeout (not retried)
+TIMEOUT = FailReason.TIMEOUT
 # What run_one_trial returns for a trial another launcher had already ended: never recorded.
-TAKEN_OVER = "taken_over"
+TAKEN_OVER = FailReason.TAKEN_OVER
 
 
 def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective,
@@ -46,7 +47,7 @@ def run_one_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective
     started = time.time()
     state, reason, value = TrialState.FAIL, None, None
     with TrialWatchdog(cfg.trial_timeout if on_timeout else None, on_timeout or (lambda: None)), \
-            heartbeat.Heartbeat(study, trial,
+            watchers.Heartbeat(study, trial,
                                 storage_lib.heartbeat_interval_s(cfg.heartbeat_grace)):
         try:
             trial_dir.mkdir(parents=True, exist_ok=True)

@@ -21,24 +21,25 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
-from psearch.engine import (children, cli, config, faults, layout, objectives, ownership,
-                            prior_trials, ranks, space as space_lib, study as study_lib, watchdog)
+from psearch.engine import (cli, config, faults, layout, objectives, ownership, procfs,
+                            prior_trials, ranks, space as space_lib, spawn, study as study_lib, urls,
+                            watchers)
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
 from psearch.engine.console import DeferredFileHandler
 from psearch.engine.errors import (EXIT_DISK_FULL, EXIT_NO_DEVICE, EXIT_OK, EXIT_STORAGE,
                                    EXIT_TOO_MANY_FAILURES, EXIT_TRIAL_TIMEOUT, EXIT_USAGE,
                                    MAX_CONSECUTIVE_FAILURES, DeviceUnavailable, UsageError)
 from psearch.engine.stopping import StopFlag, StopRequested, die_with_parent, install_stop_handlers
+from psearch.engine.worker_env import RUN_VAR, WorkerIdentity
 from psearch.engine.trial import (TAKEN_OVER, TIMEOUT, Objective, drop_resume_checkpoints,
                                   record_end, run_one_trial)
 
 logger = logging.getLogger("worker")
-RUN_VAR = "PARALLEL_SEARCH_RUN"
 
 
 class WorkerExit(Exception):
@@ -47,33 +48,6 @@ class WorkerExit(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerIdentity:
-    """Who this process is, as the launcher's environment says (defaults: a stand-alone run)."""
-
-    label: str = "single"
-    rank: int = 0
-    n_workers: int = 1
-    managed: bool = False
-    parent_pid: int | None = None
-    cpu_threads: int | None = None
-    run: str = ""  # the launcher run this worker belongs to (its own identity when stand-alone)
-
-    @classmethod
-    def from_environ(cls, env: Mapping[str, str]) -> "WorkerIdentity":
-        """Read PARALLEL_SEARCH_* variables (pure)."""
-        def _int(name: str) -> int | None:
-            return int(env[name]) if env.get(name, "").strip() else None
-
-        return cls(label=env.get("PARALLEL_SEARCH_WORKER", "single"),
-                   rank=_int("PARALLEL_SEARCH_RANK") or 0,
-                   n_workers=_int("PARALLEL_SEARCH_N_WORKERS") or 1,
-                   managed=env.get("PARALLEL_SEARCH_MANAGED") == "1",
-                   parent_pid=_int("PARALLEL_SEARCH_PARENT_PID"),
-                   cpu_threads=_int("PARALLEL_SEARCH_CPU_THREADS"),
-                   run=env.get(RUN_VAR, ""))
 
 
 def build_parser(default: objectives.ObjectiveKind | None = None) -> argparse.ArgumentParser:
@@ -105,7 +79,7 @@ def open_checked_study(cfg: SearchConfig, who: WorkerIdentity,
     prior = prior_trials.read_source(cfg)  # an unreadable source refuses the run here
     study = study_lib.open_study(cfg, who.rank, who.n_workers)
     study_lib.check_or_store_settings(study, study_lib.search_settings(cfg, objective_settings),
-                                      config.redact_url(cfg.storage_url), cfg.heartbeat_grace,
+                                      urls.redact_url(cfg.storage_url), cfg.heartbeat_grace,
                                       study_lib.legacy_settings(cfg))
     prior_trials.add(study, cfg, prior)
     return study
@@ -119,7 +93,7 @@ def prepare(cfg: SearchConfig, who: WorkerIdentity,
     if log_file is not None:
         log_file.open(layout.logs_dir(cfg.checkpoint_dir) / layout.log_name(
             "single_gpu", socket.gethostname(), time.strftime("%Y%m%d_%H%M%S")))
-    logger.info("%s", children.PREPARED_MARKER)
+    logger.info("%s", spawn.PREPARED_MARKER)
     cfg.objective_kind.prepare(cfg)
     return study
 
@@ -177,7 +151,7 @@ def run_search(study: optuna.Study, cfg: SearchConfig, objective: Objective, sto
                     f" (confirms trial {trial.user_attrs['confirms']} with seed "
                     f"{trial.user_attrs.get('seed')})" if "confirms" in trial.user_attrs else "")
         on_timeout = functools.partial(_time_out, study, trial, cfg, who, stop,
-                                       watchdog.boot_ticks(), cwd)
+                                       procfs.boot_ticks(), cwd)
         state, reason = run_one_trial(study, trial, objective, cfg, stop, on_timeout)
         if reason == faults.DISK_FULL_REASON:
             return _disk_full(cfg)
@@ -210,13 +184,13 @@ def _time_out(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, who: 
     try:
         # What the trial started, also in process groups of its own (a training program's):
         # the launcher's kill of this worker's group would not reach those.
-        watchdog.kill_processes(watchdog.trial_processes(
-            os.getpid(), watchdog.read_processes(), trial_started))
+        watchers.kill_processes(watchers.trial_processes(
+            os.getpid(), procfs.read_processes(), trial_started))
         if not who.managed and not stop.requested:
-            watchdog.restart_self({RUN_VAR: who.run}, cwd)
+            watchers.restart_self({RUN_VAR: who.run}, cwd)
     except Exception as exc:  # noqa: BLE001 - then this process ends all the same
         logger.error("Could not restart this worker: %s", faults.one_line(exc))
-    watchdog.exit_now(stop.exit_code if stop.requested else EXIT_TRIAL_TIMEOUT)
+    watchers.exit_now(stop.exit_code if stop.requested else EXIT_TRIAL_TIMEOUT)
 
 
 def _disk_full(cfg: SearchConfig) -> int:
@@ -325,7 +299,7 @@ def _exit_if_threads_linger(code: int) -> None:
         logger.warning("Exiting without waiting for thread(s) the objective left running: %s",
                        ", ".join(stray))
         logging.shutdown()
-        watchdog.exit_now(code)
+        watchers.exit_now(code)
 
 
 def summarize(cfg: SearchConfig) -> None:
@@ -333,13 +307,13 @@ def summarize(cfg: SearchConfig) -> None:
     logged, never changes the exit code (a Ctrl+C during it does: the caller sees the StopFlag)."""
     logger.info("Summarizing results into %s", cfg.checkpoint_dir)
     try:
-        code = subprocess.run(children.summary_argv(cfg, sys.executable),
-                              env=children.child_environ(os.environ, cfg)).returncode
+        code = subprocess.run(spawn.summary_argv(cfg, sys.executable),
+                              env=spawn.child_environ(os.environ, cfg)).returncode
     except (KeyboardInterrupt, StopRequested):  # a second Ctrl+C: the search itself is saved
         code = 130
     if code != 0:
         logger.warning("Summary failed (exit code %d); rerun it with: %s", code,
-                       children.summary_hint(cfg, sys.executable))
+                       spawn.summary_hint(cfg, sys.executable))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from psearch.engine import confirm, layout, study as study_lib
-from psearch.engine.config import redact_url
+from psearch.engine.urls import redact_url
 from psearch.reports import param_plots, plots
 from psearch.reports.best_overall import BestOutcome
 from psearch.reports.tables import (FIXED_COLUMNS, RUN_ATTRS, TOP_K, Snapshot, param_column,

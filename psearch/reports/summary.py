@@ -23,10 +23,11 @@ from typing import Sequence
 
 import optuna
 
-from psearch.engine import (atomic, cli, cmdline, layout, locks, storage as storage_lib,
-                            study as study_lib)
-from psearch.engine.config import DEFAULT_STUDY_NAME, redact_url, resolve_storage
-from psearch.engine.errors import UsageError
+from psearch.engine import (atomic, cli, layout, locks, storage as storage_lib,
+                            study as study_lib, urls)
+from psearch.engine.config import DEFAULT_STUDY_NAME
+from psearch.engine.errors import EXIT_USAGE, UsageError
+from psearch.engine.urls import redact_url, resolve_storage
 from psearch.engine.layout import STUDY_DB_NAME, default_storage_url
 from psearch.reports import param_plots, plots, trial_plots
 from psearch.reports.best_overall import remove_leftovers, update_best_overall
@@ -46,13 +47,10 @@ def resolve_storage_url(checkpoint_dir: Path, storage: str | None) -> str:
 
 def _check_storage_exists(url: str) -> None:
     """Refuse a file storage that is not there (opening it would create an empty one)."""
-    # Parsed as study.make_storage does: sqlite:///rel or sqlite:////abs; journal:///abs.
-    for prefix, cut in (("sqlite:///", len("sqlite:///")), ("journal:///", len("journal://"))):
-        if url.startswith(prefix):
-            path = Path(url[cut:])
-            if not path.is_file():
-                raise UsageError(f"no study database at {path}; run the search first, or pass "
-                                 "--checkpoint_dir/--storage of an existing one")
+    path = urls.file_path(url)
+    if path is not None and not path.is_file():
+        raise UsageError(f"no study database at {path}; run the search first, or pass "
+                         "--checkpoint_dir/--storage of an existing one")
 
 
 def pick_study_name(names: Sequence[str], wanted: str | None, url: str) -> str:
@@ -163,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 on success, 2 on a missing folder, database or study."""
-    cmdline.hide_url_passwords(sys.argv[1:])  # if not done yet (a console script): `ps` shows argv
+    urls.hide_url_passwords(sys.argv[1:])  # if not done yet (a console script): `ps` shows argv
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [summarize pid %(process)d] %(levelname)s: %(message)s")
@@ -173,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = summarize(Path(ns.checkpoint_dir), ns.storage, ns.study_name)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(report)
     return 0
 

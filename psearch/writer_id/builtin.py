@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from psearch.engine import children, layout, objectives, paths
+from psearch.engine import layout, objectives, spawn
 from psearch.engine.errors import UsageError
 from psearch.writer_id.names import (DEFAULT_TRIAL_VALUE, LEGACY_TRIAL_VALUE, MODEL_CHOICES,
                                      PARAMETERS, RESUME_CHECKPOINT, TRIAL_VALUES)
@@ -134,7 +134,7 @@ def options_from_args(ns: argparse.Namespace) -> WriterOptions:
     _check(ns.data_root is not None, "--data_root is required with the built-in objective "
            "(or pass --objective FILE.py:NAME)")
     _check(os.path.isdir(ns.data_root), f"--data_root {ns.data_root!r} is not a folder")
-    cache_dir = paths.check_output_dir("--cache_dir", ns.cache_dir) if ns.cache_dir else None
+    cache_dir = layout.check_output_dir("--cache_dir", ns.cache_dir) if ns.cache_dir else None
     return WriterOptions(
         data_root=str(Path(ns.data_root).resolve()), use_all_writers=bool(ns.use_all_writers),
         num_writers_subset=ns.num_writers_subset, patience=ns.patience,
@@ -258,10 +258,10 @@ def make_demo_data(data_root: str) -> None:
     if os.path.isdir(data_root):
         return
     print(f"Generating the demo data set in {data_root} ...", flush=True)
-    result = subprocess.run([*children.module_argv(sys.executable, SYNTHETIC_MODULE),
+    result = subprocess.run([*spawn.module_argv(sys.executable, SYNTHETIC_MODULE),
                              "make-synthetic", data_root, *DEMO_DATA,
                              "--similarity", str(DEMO_SIMILARITY)],
-                            env=children.child_environ(os.environ), check=False)
+                            env=spawn.child_environ(os.environ), check=False)
     if result.returncode != 0:
         raise UsageError(f"could not generate the demo data in {data_root!r} (exit code "
                          f"{result.returncode}); see the output above")
@@ -284,7 +284,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     return worker.main(argv, default=KIND)
 
 
-main = worker_main  # what a forked worker runs (`python -m` this module: engine/forked.py)
+main = worker_main  # what a forked worker runs (`python -m` this module: engine/spawn.py)
 
 
 def _check(ok: bool, message: str) -> None:

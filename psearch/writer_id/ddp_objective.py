@@ -24,6 +24,7 @@ import torch
 from psearch.engine import confirm, layout, ranks, study as study_lib
 from psearch.engine.resilient_trial import ResilientTrial
 from psearch.engine.config import SearchConfig, add_search_args, config_from_args
+from psearch.engine.worker_env import WorkerIdentity
 from psearch.writer_id import builtin, distributed, model as model_lib
 from psearch.writer_id.objective import (fit_trial, load_index, make_bundle, model_spec, rank_title,
                                          train_config, trial_record)
@@ -74,7 +75,7 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
 
 def setup_logging() -> None:
     """Lines like the worker's, marked with the rank (they go to the worker's log)."""
-    fmt = (f"%(asctime)s [{os.environ.get('PARALLEL_SEARCH_WORKER', 'worker')} rank "
+    fmt = (f"%(asctime)s [{WorkerIdentity.from_environ(os.environ).label} rank "
            f"{ranks.rank()}@{socket.gethostname()} pid %(process)d] %(levelname)s %(name)s: "
            "%(message)s")
     logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from psearch.engine import cli, layout
-from psearch.engine.errors import UsageError
+from psearch.engine.errors import EXIT_USAGE, UsageError
 from psearch.writer_id import data_index, dataset, model as model_lib
 from psearch.writer_id.hardware import available_cores, pick_device
 from psearch.writer_id.train import evaluate, make_loader
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(evaluate_checkpoint(ns.checkpoint, ns.split, ns.data_root), indent=2))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

@@ -26,7 +26,7 @@ import optuna
 import pandas as pd
 import torch
 
-from psearch.engine import atomic, children, layout, ranks
+from psearch.engine import atomic, layout, optuna_internals, ranks, spawn
 from psearch.engine.config import SearchConfig, config_to_argv
 from psearch.engine.devices import loader_processes
 from psearch.engine.errors import UsageError
@@ -260,7 +260,7 @@ class WriterObjective:
                    resume_path: Path | None, seed: int) -> float:
         """Train as `world_size` ranks; rank 0 reports to the study and hands back the value."""
         threads = max(1, self.threads // self.world_size)
-        spec = {"argv": config_to_argv(self.cfg), "trial_id": trial._trial_id,
+        spec = {"argv": config_to_argv(self.cfg), "trial_id": optuna_internals.trial_id(trial),
                 "trial_number": trial.number, "hyperparameters": hp, "seed": seed,
                 "resume_from": str(resume_path) if resume_path else None, "threads": threads,
                 "num_workers": loader_processes(self.cfg.options.num_workers, threads)}
@@ -269,7 +269,7 @@ class WriterObjective:
         try:
             result = ranks.run_ranks([sys.executable, "-m", RANK_MODULE, str(spec_path)],
                                      trial_dir, self.world_size,
-                                     children.child_environ(os.environ, self.cfg),
+                                     spawn.child_environ(os.environ, self.cfg),
                                      should_stop=lambda: self.stop.requested)
         except StopRequested:
             finish_stopped_ranks(trial, trial_dir, rank_title(trial.number, hp, self.world_size))

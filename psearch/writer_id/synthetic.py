@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from psearch.engine import cli
-from psearch.engine.errors import UsageError
+from psearch.engine.errors import EXIT_USAGE, UsageError
 from psearch.writer_id.data_index import split_counts
 
 logger = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        flat=args.flat, mess=args.mess, similarity=args.similarity)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Workers forked from the launcher (engine/forked.py): when a fork is allowed (pure), and real
+"""Workers forked from the launcher (engine/spawn.py): when a fork is allowed (pure), and real
 forked children: their own session, environment, signals, output and name; exit codes and
 signals as Popen reports them; a check run in a child; a storage taken over by the child."""
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from psearch.engine import forked, storage as storage_lib
+from psearch.engine import spawn, storage as storage_lib
 from psearch.engine.errors import UsageError
 from psearch.engine.objectives import load_function as load_objective
 
@@ -26,18 +26,18 @@ HERE = sys.modules[__name__]
 def test_a_worker_is_forked_only_for_a_loaded_module_in_a_single_threaded_process():
     loaded = {"pkg.worker": HERE, "pkg.nomain": json}
     argv = [PY, "-m", "pkg.worker", "--n_trials", "3"]
-    assert forked.fork_entry(argv, PY, loaded, n_threads=1) == "pkg.worker"
-    assert forked.fork_entry(argv, PY, loaded, n_threads=2) is None  # another thread: exec
-    assert forked.fork_entry(argv, "/other/python", loaded, 1) is None
-    assert forked.fork_entry([PY, "-m", "pkg.absent"], PY, loaded, 1) is None  # not loaded
-    assert forked.fork_entry([PY, "-m", "pkg.nomain"], PY, loaded, 1) is None
-    assert forked.fork_entry([PY, "script.py", "-m", "pkg.worker"], PY, loaded, 1) is None
-    assert forked.fork_entry(["torchrun", "-m", "pkg.worker"], PY, loaded, 1) is None
+    assert spawn.fork_entry(argv, PY, loaded, n_threads=1) == "pkg.worker"
+    assert spawn.fork_entry(argv, PY, loaded, n_threads=2) is None  # another thread: exec
+    assert spawn.fork_entry(argv, "/other/python", loaded, 1) is None
+    assert spawn.fork_entry([PY, "-m", "pkg.absent"], PY, loaded, 1) is None  # not loaded
+    assert spawn.fork_entry([PY, "-m", "pkg.nomain"], PY, loaded, 1) is None
+    assert spawn.fork_entry([PY, "script.py", "-m", "pkg.worker"], PY, loaded, 1) is None
+    assert spawn.fork_entry(["torchrun", "-m", "pkg.worker"], PY, loaded, 1) is None
 
 
 def test_process_names_fit_the_kernels_15_bytes():
-    assert forked.process_name("cpu3") == "psearch-cpu3"
-    assert forked.process_name("gpu-MIG-4f2a-77") == "psearch-gpu-MIG"
+    assert spawn.process_name("cpu3") == "psearch-cpu3"
+    assert spawn.process_name("gpu-MIG-4f2a-77") == "psearch-gpu-MIG"
 
 
 # ---------------------------------------------------------------- real forked children
@@ -68,7 +68,7 @@ def _fork(tmp_path, action, env=None):
     log = tmp_path / "child.log"
     argv = [PY, "-m", __name__, str(tmp_path / "report.json"), action]
     with open(log, "ab") as out:
-        child = forked.start(__name__, argv, env or {"ONLY": "this"}, out.fileno(), "psearch-test")
+        child = spawn.start(__name__, argv, env or {"ONLY": "this"}, out.fileno(), "psearch-test")
     return child, log
 
 
@@ -126,12 +126,12 @@ def test_a_users_objective_is_checked_in_a_child_and_never_runs_here(tmp_path):
     module.write_text("import os\nos.environ['IMPORTED_HERE'] = '1'\n"
                       "def good(trial, trial_dir):\n    return 1.0\n"
                       "def bad(trial):\n    return 1.0\n")
-    forked.call_in_child(load_objective, f"{module}:good")
+    spawn.call_in_child(load_objective, f"{module}:good")
     assert "IMPORTED_HERE" not in os.environ
     with pytest.raises(UsageError, match=r"cannot be called as bad\(trial, trial_dir\)"):
-        forked.call_in_child(load_objective, f"{module}:bad")
+        spawn.call_in_child(load_objective, f"{module}:bad")
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
-        forked.call_in_child(lambda: 1 / 0)
+        spawn.call_in_child(lambda: 1 / 0)
 
 
 def test_a_forked_child_takes_over_the_parents_storage_with_connections_of_its_own(tmp_path):
@@ -146,7 +146,7 @@ def test_a_forked_child_takes_over_the_parents_storage_with_connections_of_its_o
             raise UsageError("the child opened the storage again")
         optuna.load_study(study_name="s", storage=inherited).enqueue_trial({"x": 2.0})
 
-    forked.call_in_child(in_child)
+    spawn.call_in_child(in_child)
     assert storage_lib.make_storage(url) is not storage  # never reused by the process itself
     study.enqueue_trial({"x": 3.0})  # the parent's connections still work
     assert [t.system_attrs["fixed_params"]["x"] for t in study.get_trials()] == [1.0, 2.0, 3.0]

@@ -1,9 +1,10 @@
-"""The process controller: start the workers, watch them, forward signals, kill, restart.
+"""The launcher's children and signals: start the workers, watch them, forward Ctrl+C/SIGTERM
+(`Interrupts`: the launcher's own signal handling), kill, restart; `run_child` for a helper.
 
 Each worker is an argv list (`python -m MODULE …`, no shell) in its own session and process
 group, so a terminal's Ctrl+C reaches only the launcher, which forwards it, and killing a group
 also ends the worker's data-loader processes. A worker whose module this process has already
-imported is forked rather than exec'd (forked.py: no interpreter start, no imports), whenever this
+imported is forked rather than exec'd (spawn.py: no interpreter start, no imports), whenever this
 process is single-threaded; otherwise it gets a new interpreter. Nothing here knows about Optuna
 or trials.
 """
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from psearch.engine import forked, stopping
+from psearch.engine import spawn, stopping
 from psearch.engine.devices import WorkerSlot
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Worker:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    proc: subprocess.Popen | forked.Forked | None = None
+    proc: subprocess.Popen | spawn.Forked | None = None
     started_at: float = 0.0
     early_failures: int = 0
     restart_at: float | None = None
@@ -83,14 +84,14 @@ class Controller:
         """Start (or restart) one worker, appending its output to its log file: forked when
         this process has its module loaded and no other thread, else a new interpreter."""
         worker.log_path.parent.mkdir(parents=True, exist_ok=True)
-        module = forked.fork_entry(worker.argv, sys.executable, sys.modules,
-                                   forked.thread_count())
+        module = spawn.fork_entry(worker.argv, sys.executable, sys.modules,
+                                   spawn.thread_count())
         with open(worker.log_path, "ab", buffering=0) as log:
             log.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {worker.slot.label}"
                       f"{'' if module else ' (new interpreter)'} =====\n".encode())
             if module is not None:
-                worker.proc = forked.start(module, worker.argv, worker.env, log.fileno(),
-                                           forked.process_name(worker.slot.label))
+                worker.proc = spawn.start(module, worker.argv, worker.env, log.fileno(),
+                                           spawn.process_name(worker.slot.label))
             else:
                 worker.proc = subprocess.Popen(worker.argv, env=worker.env,
                                                stdin=subprocess.DEVNULL, stdout=log,

@@ -1,4 +1,8 @@
-"""Starting a child by fork instead of a new interpreter: it inherits what this process has already
+"""How a child process of the search starts: its command line and environment (`python -m` this
+package's modules, the package on PYTHONPATH so they run from any folder, installed or not, the
+storage URL in the environment, never on a command line), and starting a worker by fork.
+
+Starting a child by fork instead of a new interpreter: it inherits what this process has already
 imported (Optuna, SQLAlchemy, the worker's code), so eight workers start in milliseconds instead of
 each paying an interpreter start and those imports (0.5 s alone, 2 s for eight on two cores).
 
@@ -15,7 +19,6 @@ storage's own at-fork hook (storage.py).
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import gc
@@ -26,10 +29,47 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Callable, Mapping, NoReturn, Sequence
 
-from psearch.engine import cmdline
+from psearch.engine import optuna_internals, procfs
+from psearch.engine.config import SearchConfig, child_env, storage_argv
 from psearch.engine.errors import EXIT_USAGE, UsageError
+from psearch.engine.urls import redact_url
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+SUMMARY_MODULE = "psearch.reports.summary"
+# What the preparation step logs once the arguments, the data and the study are checked: from
+# then on nothing can be refused, and the launcher shows its progress.
+PREPARED_MARKER = "Arguments, data and study checked"
+
+
+def module_argv(python: str, module: str) -> list[str]:
+    """`python -m MODULE`."""
+    return [python, "-m", module]
+
+
+def child_environ(environ: Mapping[str, str], cfg: SearchConfig | None = None) -> dict[str, str]:
+    """The environment of a helper process: `environ`, the package on PYTHONPATH, and the storage
+    URL that `config_to_argv`'s `--storage env:…` points to."""
+    path = [str(PACKAGE_PARENT), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
+            **(child_env(cfg) if cfg is not None else {})}
+
+
+def summary_argv(cfg: SearchConfig, python: str) -> list[str]:
+    """The summary of `cfg`'s study, as a helper process (run it with `child_environ`)."""
+    return [*module_argv(python, SUMMARY_MODULE), "--checkpoint_dir", cfg.checkpoint_dir,
+            "--study_name", cfg.study_name, *storage_argv(cfg)]
+
+
+def summary_hint(cfg: SearchConfig, python: str) -> str:
+    """The command a user can run to write the summary again (no password in it)."""
+    return shlex.join([python, "summarize.py", "--checkpoint_dir", cfg.checkpoint_dir,
+                       "--study_name", cfg.study_name, "--storage", redact_url(cfg.storage_url)])
+
+
+# ---------------------------------------------------------------- a worker started by fork
 
 PR_SET_NAME = 15
 NAME_MAX = 15  # the kernel keeps 15 bytes of a process name (`ps -o comm`, top)
@@ -106,7 +146,7 @@ def _child(module: str, argv: list[str], env: dict[str, str], log_fd: int,
             traceback.print_exc()
     finally:
         with contextlib.suppress(BaseException):
-            atexit._run_exitfuncs()  # the child's own: the parent's were dropped at its start
+            optuna_internals.run_exit_functions()  # the child's own: the parent's were dropped at its start
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -135,7 +175,7 @@ def _become_own_process(env: Mapping[str, str], log_fd: int) -> None:
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
             logger.handlers = []  # the parent's, left open: they write to the parent's files
-    atexit._clear()  # the parent's exit handlers (its logging, its pools) are not ours to run
+    optuna_internals.clear_exit_functions()  # the parent's exit handlers (its logging, its pools) are not ours to run
     # What the child inherited lives as long as it does: its garbage collections skip it (less
     # work per collection, and the pages stay shared with the parent instead of being copied).
     gc.freeze()
@@ -148,7 +188,7 @@ def _set_name(name: str, title: str) -> None:
     """Name the process (`ps -o comm`, top) and show `title` as its command line (`ps`)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:NAME_MAX], 0, 0, 0)
-    cmdline.set_own_title(title)
+    procfs.set_own_title(title)
 
 
 def _run_main(main: Callable[[list[str]], object], args: list[str]) -> int:
