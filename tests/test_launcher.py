@@ -285,7 +285,10 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_its_trial_retried(tmp_pat
     ts = trials(ckpt)
     assert len(by_state(ts, TrialState.COMPLETE)) == 4
     dead = [t for t in by_state(ts, TrialState.FAIL) if t.user_attrs.get("pid") == victim["pid"]]
-    assert [t.user_attrs["fail_reason"] for t in dead] == ["worker_died"]
+    # The launcher marks it worker_died as it sees its worker die; the other worker, claiming its
+    # next trial in the same instant, may find the dead owner first and mark it crashed. Either
+    # way it did not fail on its own merits, and it runs again.
+    assert len(dead) == 1 and dead[0].user_attrs["fail_reason"] in ("worker_died", "crashed")
     retried = [t for t in ts if t.user_attrs.get("resumed_from") == dead[0].number]
     assert retried and retried[0].params == dead[0].params
     assert "killed by SIGKILL" in run.output() and "Restarting worker" in run.output()
