@@ -60,7 +60,7 @@ def test_metric_lines_are_parsed_and_a_bad_metric_fails_the_trial():
 
 
 def test_the_program_must_exist_and_be_executable(tmp_path):
-    program.check_program(["python3", "x.py"])
+    program.check_program(["python3", str(TRAIN)])
     script = tmp_path / "train.sh"
     script.write_text("#!/bin/sh\n")
     with pytest.raises(UsageError, match="is not executable; chmod"):
@@ -71,6 +71,10 @@ def test_the_program_must_exist_and_be_executable(tmp_path):
         program.check_program(["trian-py-nowhere"])
     with pytest.raises(UsageError, match="--command is empty"):
         program.check_program([])
+    with pytest.raises(UsageError, match="the script 'tarin.py' does not exist"):
+        program.check_program(["python3", "-u", "tarin.py", "--epochs", "3"])
+    program.check_program(["python3", "-m", "http.server"])  # a module: nothing to look for
+    program.check_program(["python3", str(TRAIN), "--epochs", "3"])
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):

@@ -159,6 +159,22 @@ def check_program(argv: Sequence[str], path_env: str | None = None) -> None:
     elif shutil.which(first, path=path_env) is None:
         raise UsageError(f"--command: {first!r} is not a program on the PATH; give its full path "
                          "or install it")
+    script = _python_script(argv)
+    if script is not None and not os.path.isfile(script):
+        raise UsageError(f"--command: the script {script!r} does not exist (the program runs in "
+                         f"{os.getcwd()}); give its path from there, or an absolute one")
+
+
+def _python_script(argv: Sequence[str]) -> str | None:
+    """The script of `python [-u …] SCRIPT.py …`, the file a typo most often misses (pure)."""
+    if not os.path.basename(argv[0]).startswith("python"):
+        return None
+    for word in argv[1:]:
+        if word in ("-m", "-c"):
+            return None
+        if not word.startswith("-"):
+            return word if word.endswith(".py") else None
+    return None
 
 
 # ---------------------------------------------------------------- the objective kind
