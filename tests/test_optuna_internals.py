@@ -50,7 +50,6 @@ def test_they_do_what_this_project_needs(study):
     oi.set_trial_user_attr(study, made, "fail_reason", "crashed")
     oi.forget_cached_trials(study)
     assert study.get_trials()[-1].user_attrs["fail_reason"] == "crashed"
-    assert oi.study_id(study) == study._study_id
     assert oi.stale_trial_ids(study) == []  # no trial has missed its heartbeat
     assert oi.rdb_engine(oi.rdb_backend(oi.storage(study))).name == "sqlite"
 

@@ -173,6 +173,7 @@ def config_from_args(ns: argparse.Namespace, kind: ObjectiveKind | None = None,
     kind = kind if kind is not None else objectives.choose(ns, None)
     options = kind.options(ns)
     space = space_in_force(kind, options, ns.space_file)
+    enqueue_file = _existing_file("--enqueue", ns.enqueue_file)
     _check(str(ns.study_name).strip() != "", "--study_name must not be empty")
     checkpoint_dir = layout.check_output_dir("--checkpoint_dir", ns.checkpoint_dir)
     _check(ns.heartbeat_grace >= MIN_HEARTBEAT_GRACE_S, "--heartbeat_grace must be at least "
@@ -193,8 +194,7 @@ def config_from_args(ns: argparse.Namespace, kind: ObjectiveKind | None = None,
         keep_last=bool(ns.keep_last), pruner=ns.pruner, gpus_per_trial=ns.gpus_per_trial,
         confirm_top=confirm_top, confirm_seeds=confirm_seeds,
         space_file=_existing_file("--space", ns.space_file), space=space,
-        enqueue_file=_existing_file("--enqueue", ns.enqueue_file),
-        enqueue=enqueued_sets(ns.enqueue_file, space),
+        enqueue_file=enqueue_file, enqueue=enqueued_sets(enqueue_file, space),
         warm_start=_warm_source(ns.warm_start), warm_start_study=ns.warm_start_study,
         options=options, kind=kind)
 
@@ -213,12 +213,12 @@ def space_in_force(kind: ObjectiveKind, options: Any, space_file: str | None) ->
 
 
 def enqueued_sets(path: str | None, space: Space | None) -> tuple[dict[str, Any], ...]:
-    """--enqueue's parameter sets, each checked against the space (with none: as given)."""
+    """--enqueue's parameter sets (`path`: a file `_existing_file` checked), each checked
+    against the space (with none: as given)."""
     if path is None:
         return ()
     from psearch.engine import space as space_lib
 
-    _existing_file("--enqueue", path)
     return tuple(space_lib.load_sets(path, space))
 
 

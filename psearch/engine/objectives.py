@@ -213,8 +213,3 @@ def _check_signature(spec: str, name: str, fn: Callable) -> None:
                          f"{name}(trial, trial_dir); define it as def {name}(trial, trial_dir) "
                          "-> float") from None
 
-
-def worker_module(default: ObjectiveKind | None) -> str:
-    """The module a launcher starts its workers with: its default objective's (pure)."""
-    return default.worker_module if default is not None else ENGINE_WORKER_MODULE
-

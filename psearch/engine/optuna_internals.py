@@ -36,11 +36,6 @@ def storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     return study._storage
 
 
-def study_id(study: optuna.Study) -> int:
-    """The study's id in its storage."""
-    return study._study_id
-
-
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     """A trial's id in its storage (not its number)."""
     return trial._trial_id
