@@ -6,10 +6,7 @@ import logging
 import pathlib
 import pickle
 import random
-import signal
 import subprocess
-import sys
-import time
 
 import optuna
 import pandas as pd
@@ -22,9 +19,8 @@ from psearch.writer_id import data_index, dataset, evaluate, model as model_lib
 from psearch.writer_id.synthetic import make_synthetic
 from psearch.writer_id.train import TrainConfig, Trainer, read_last
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--models", "small", "--img_height", "32", "--img_width", "256", "--batch_size", "8",
-        "--lines_per_writer", "16", "--num_workers", "0", "--use_all_writers"]
+from worker_runs import interrupt_after_first_epoch, search
+
 TC = TrainConfig(epochs=2, patience=5, batch_size=8, lr=1e-3, weight_decay=1e-4,
                  mixup_alpha=0.2, triplet_weight=0.5, lines_per_writer=8, seed=3)
 
@@ -176,24 +172,10 @@ def test_a_last_pth_that_cannot_be_loaded_safely_is_ignored_with_a_reason(bundle
         assert_payload_is_live(path, marker)
 
 
-def search(data, ckpt, n_trials, epochs, **popen):
-    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--data_root",
-           str(data), "--checkpoint_dir", str(ckpt), "--n_trials", str(n_trials), "--epochs",
-           str(epochs), *TINY]
-    if popen:
-        return subprocess.Popen(cmd, **popen)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
 def test_a_planted_last_pth_runs_nothing_and_the_rerun_starts_from_scratch(data, tmp_path):
     ckpt, marker = tmp_path / "run", tmp_path / "marker"
     proc = search(data, ckpt, 1, 3, stderr=subprocess.DEVNULL)
-    history = ckpt / "trial_000" / "history.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (history.exists() and
-                                          len(history.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    interrupt_after_first_epoch(proc, ckpt)
     assert proc.wait(timeout=120) == 130
     last = ckpt / "trial_000" / "last.pth"
     assert read_last(last) is not None          # a genuine one would have been resumed

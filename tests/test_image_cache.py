@@ -181,9 +181,12 @@ def test_stale_temporary_files_of_a_killed_builder_are_removed(tmp_path):
     assert sorted(p.suffix for p in folder.iterdir()) == [".json", ".lock", ".npy"]
 
 
+# A process that builds or loads the cache once the test lets it: how often it decoded an image,
+# and what the cache holds (its warnings on stderr, naming its pid).
 BUILDER = r"""
-import json, sys
+import json, logging, sys
 from psearch.writer_id import image_cache as ic
+logging.basicConfig(level=logging.WARNING, format="%(process)d %(message)s")
 calls = []
 real = ic._decode
 ic._decode = lambda *a: calls.append(1) or real(*a)
@@ -309,20 +312,6 @@ def test_a_missing_npy_beside_its_sidecar_is_rebuilt(tmp_path, caplog):
     np.testing.assert_array_equal(np.asarray(again.pixels), first)
 
 
-READER = r"""
-import json, logging, sys
-from psearch.writer_id import image_cache as ic
-logging.basicConfig(level=logging.WARNING, format="%(process)d %(message)s")
-calls = []
-real = ic._decode
-ic._decode = lambda *a: calls.append(1) or real(*a)
-paths, cache_dir = json.loads(sys.argv[1]), sys.argv[2]
-print("ready", flush=True)
-cache = ic.build_or_load_cache(paths, 8, 64, cache_dir)
-print(json.dumps({"calls": len(calls), "sum": int(cache.pixels.sum()), "ok": int(cache.ok.sum())}))
-"""
-
-
 def test_concurrent_readers_of_a_damaged_cache_wait_and_one_rebuilds(tmp_path):
     """Three processes find a cut-short cache while the lock is held (as by a builder): none
     touches the files; after the lock is freed, one rebuilds and the others open its cache."""
@@ -334,7 +323,7 @@ def test_concurrent_readers_of_a_damaged_cache_wait_and_one_rebuilds(tmp_path):
     damaged = {p: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in (npy, meta)}
     with open(npy.with_suffix(".lock"), "a+b") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        argv = [sys.executable, "-c", READER, json.dumps(paths), str(folder)]
+        argv = [sys.executable, "-c", BUILDER, json.dumps(paths), str(folder)]
         procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(3)]
         assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3

@@ -1,10 +1,6 @@
 """Real trials of the built-in objective on tiny synthetic data, on the CPU, as a user runs them."""
 import json
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -16,24 +12,13 @@ from optuna.trial import TrialState
 from psearch.writer_id.model import load_best_model
 from psearch.writer_id.synthetic import make_synthetic
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--models", "small", "--img_height", "32", "--img_width", "256", "--batch_size", "8",
-        "--lines_per_writer", "16", "--num_workers", "0", "--use_all_writers"]
+from worker_runs import interrupt_after_first_epoch, search
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("data") / "lines", writers=4,
                           pages_per_writer=6, lines_per_page=4, height=32, mess=True)
-
-
-def search(data, ckpt, n_trials, epochs, extra=(), **popen):
-    cmd = [sys.executable, str(ROOT / "single_gpu_hyperparameter_search.py"), "--data_root",
-           str(data), "--checkpoint_dir", str(ckpt), "--n_trials", str(n_trials), "--epochs",
-           str(epochs), *TINY, *extra]
-    if popen:
-        return subprocess.Popen(cmd, **popen)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def load(ckpt):
@@ -121,16 +106,11 @@ def test_a_rerun_on_changed_data_is_refused_naming_what_changed(tmp_path):
 
 def test_interrupted_trial_continues_from_its_last_checkpoint(data, tmp_path):
     proc = search(data, tmp_path, 1, 4, stderr=subprocess.PIPE, text=True)
-    history = tmp_path / "trial_000" / "history.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (history.exists() and
-                                          len(history.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    interrupt_after_first_epoch(proc, tmp_path)
     assert proc.wait(timeout=120) == 130
     first = load(tmp_path)[0]
     assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"
-    done_before = len(pd.read_csv(history))
+    done_before = len(pd.read_csv(tmp_path / "trial_000" / "history.csv"))
     assert done_before < 4
     r = search(data, tmp_path, 1, 4)
     assert r.returncode == 0, r.stderr[-3000:]
